@@ -1,0 +1,10 @@
+"""fastclip: fused multi-tensor gradient clipping, a drop-in for ``torch.nn.utils.clip_grad_norm_``.
+
+    total_norm = fastclip.clip_(model.parameters(), max_norm=1.0)
+"""
+
+from fastclip.api import available_backends, clip_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
+
+__version__ = "0.1.0"
+
+__all__ = ["available_backends", "clip_", "clip_grad_value_", "clip_grads_with_norm_", "get_total_norm"]

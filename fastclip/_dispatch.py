@@ -1,0 +1,77 @@
+"""Chooses the backend that serves a call.
+
+``backend="auto"`` (or the ``FASTCLIP_BACKEND`` environment variable, which overrides it) takes the
+first backend in the device's preference order that is available on this machine and can serve
+these tensors, and falls back to ``"torch"``, which serves everything. A backend named explicitly
+must serve the call or raise: silently running something else would make benchmarks and bug
+reports lie.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from fastclip.backends import Backend, CppBackend, TorchBackend, TritonBackend
+
+BACKENDS: dict[str, Backend] = {b.name: b for b in (TorchBackend(), CppBackend(), TritonBackend())}
+
+# Preference order of "auto" per device type. The Triton interpreter (CPU) is for tests, never auto.
+_AUTO_ORDER = {"cuda": ("cpp", "triton", "torch"), "cpu": ("cpp", "torch")}
+
+
+def _requested(backend: str) -> str:
+    if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
+        raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")
+    if backend != "auto":
+        return backend
+    forced = os.environ.get("FASTCLIP_BACKEND", "auto")
+    if forced != "auto" and forced not in BACKENDS:
+        raise ValueError(f"FASTCLIP_BACKEND must be 'auto' or one of {sorted(BACKENDS)}, got {forced!r}")
+    return forced
+
+
+def _reason_not_served(backend: Backend, tensors: list[torch.Tensor], norm_type: float | None) -> str | None:
+    if backend.name == "torch":
+        return None
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        return f"the tensors are on several devices ({', '.join(sorted(map(str, devices)))})"
+    if not devices:
+        return None
+    return backend.unavailable_reason(devices.pop()) or backend.unsupported_reason(tensors, norm_type)
+
+
+def select_backend(backend: str, tensors: list[torch.Tensor], norm_type: float | None) -> Backend:
+    """The backend that runs this call.
+
+    Args:
+        backend: ``"auto"`` or a backend name, as passed to the public function.
+        tensors: the gradients (or tensors) the call works on; may be empty.
+        norm_type: the parsed norm type, or None for operations without a norm.
+
+    Returns:
+        The chosen :class:`~fastclip.backends.Backend`.
+
+    Raises:
+        ValueError: ``backend`` (or ``FASTCLIP_BACKEND``) is not a known name, or the named backend
+            cannot serve these tensors; the message says why.
+    """
+    name = _requested(backend)
+    if name != "auto":
+        reason = _reason_not_served(BACKENDS[name], tensors, norm_type)
+        if reason is not None:
+            raise ValueError(f"fastclip backend {name!r} cannot serve this call: {reason}")
+        return BACKENDS[name]
+    device_type = tensors[0].device.type if tensors else "cpu"
+    for candidate in _AUTO_ORDER.get(device_type, ("torch",)):
+        if _reason_not_served(BACKENDS[candidate], tensors, norm_type) is None:
+            return BACKENDS[candidate]
+    return BACKENDS["torch"]
+
+
+def backend_status(device: str | torch.device) -> dict[str, str | None]:
+    """For each backend, None if it can run on ``device`` on this machine, else the reason it cannot."""
+    device = torch.device(device)
+    return {name: (None if name == "torch" else b.unavailable_reason(device)) for name, b in BACKENDS.items()}

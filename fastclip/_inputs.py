@@ -1,0 +1,75 @@
+"""Argument parsing shared by every public function.
+
+Everything here runs before any backend is chosen, so that bad input is rejected before a single
+gradient is touched, and so that every backend receives the same normalised arguments.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+import warnings
+from collections.abc import Iterable
+
+import torch
+
+TensorOrTensors = torch.Tensor | Iterable[torch.Tensor]
+
+
+def as_tensor_list(tensors: TensorOrTensors, arg_name: str, *, warn_empty_generator: bool) -> list:
+    """Turn torch's accepted spellings (a Tensor, a list, any iterable, a generator) into a list.
+
+    Args:
+        tensors: what the user passed.
+        arg_name: the argument's name, for error messages.
+        warn_empty_generator: warn, as ``clip_grad_norm_`` does, when an empty generator is passed
+            (usually a sign that ``model.parameters()`` was consumed earlier).
+
+    Returns:
+        A list of tensors, in the order given.
+    """
+    if isinstance(tensors, torch.Tensor):
+        return [tensors]
+    if not isinstance(tensors, Iterable):
+        raise TypeError(f"{arg_name} must be a Tensor or an iterable of Tensors, got {type(tensors).__name__}")
+    is_generator = isinstance(tensors, types.GeneratorType)
+    items = list(tensors)
+    for i, item in enumerate(items):
+        if not isinstance(item, torch.Tensor):
+            raise TypeError(f"{arg_name}[{i}] must be a Tensor, got {type(item).__name__}")
+    if warn_empty_generator and is_generator and not items:
+        # Same text and category as torch; stacklevel points at the caller of the public function.
+        warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=4)
+    return items
+
+
+def grads_of(parameters: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The gradients of ``parameters``, skipping parameters whose ``.grad`` is None (as torch does)."""
+    return [p.grad for p in parameters if p.grad is not None]
+
+
+def parse_norm_type(norm_type) -> float:
+    """``norm_type`` as a float: any real number, ``inf``, ``-inf`` or the string ``'inf'``."""
+    if isinstance(norm_type, bool) or not isinstance(norm_type, (int, float, str)):
+        raise TypeError(f"norm_type must be a number or 'inf', got {norm_type!r}")
+    try:
+        value = float(norm_type)
+    except ValueError:
+        raise ValueError(f"norm_type must be a number or 'inf', got {norm_type!r}") from None
+    if math.isnan(value):
+        raise ValueError("norm_type must not be NaN")
+    return value
+
+
+def parse_max_norm(max_norm, arg_name: str = "max_norm") -> float:
+    """``max_norm`` (a float or a 0-dim tensor) as a Python float, as torch converts it.
+
+    A CUDA tensor costs one device-to-host copy here, exactly as in ``clip_grad_norm_``.
+    """
+    if isinstance(max_norm, torch.Tensor):
+        if max_norm.numel() != 1:
+            raise ValueError(f"{arg_name} must be a number or a one-element tensor, got shape {tuple(max_norm.shape)}")
+        return float(max_norm)
+    if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)):
+        raise TypeError(f"{arg_name} must be a number or a one-element tensor, got {type(max_norm).__name__}")
+    return float(max_norm)

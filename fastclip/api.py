@@ -1,0 +1,181 @@
+"""The public functions: drop-in replacements for ``torch.nn.utils``'s gradient-clipping functions.
+
+Each one validates and normalises its arguments (``fastclip._inputs``), picks a backend
+(``fastclip._dispatch``) and hands it a plain list of gradient tensors. Nothing is modified before
+every argument has been checked.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastclip._dispatch import backend_status, select_backend
+from fastclip._inputs import TensorOrTensors, as_tensor_list, grads_of, parse_max_norm, parse_norm_type
+
+
+def _raise_if_nonfinite(total_norm: torch.Tensor, norm_type: float) -> None:
+    # One host-device synchronisation, as in torch; only when the user asked for the check.
+    if torch.logical_or(total_norm.isnan(), total_norm.isinf()):
+        raise RuntimeError(
+            f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it "
+            "cannot be clipped. To disable this error and scale the gradients by the non-finite norm "
+            "anyway, set `error_if_nonfinite=False`"
+        )
+
+
+@torch.no_grad()
+def clip_(
+    parameters: TensorOrTensors,
+    max_norm: float | torch.Tensor,
+    norm_type: float | str = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    r"""Clip the gradient norm of an iterable of parameters, in place: a drop-in for
+    :func:`torch.nn.utils.clip_grad_norm_`.
+
+    The norm is computed over the norms of the individual gradients, as if they were concatenated
+    into a single vector, and every gradient is multiplied by
+    :math:`\min(\text{max\_norm} / (\text{total\_norm} + 10^{-6}), 1)`.
+
+    Args:
+        parameters (Iterable[Tensor] or Tensor): tensors whose ``.grad`` will be clipped; those
+            whose ``.grad`` is None are skipped.
+        max_norm (float or Tensor): max norm of the gradients.
+        norm_type (float or str): type of the p-norm: any real number, ``inf``, ``-inf`` or
+            ``'inf'``. Default: 2.0
+        error_if_nonfinite (bool): if True, raise (before modifying anything) when the total norm
+            is NaN or infinite. Costs one host-device synchronisation. Default: False
+        foreach (bool, optional): passed to the ``"torch"`` backend, as in torch; fused backends
+            are always multi-tensor and ignore it. Default: None
+        backend (str): ``"auto"`` (default; overridden by ``FASTCLIP_BACKEND``), ``"torch"``,
+            ``"cpp"`` or ``"triton"``. A named backend that cannot serve the call raises.
+
+    Returns:
+        Total norm of the gradients before clipping (viewed as a single vector), a 0-dim tensor
+        with the dtype and device torch's ``clip_grad_norm_`` would return.
+    """
+    parameters = as_tensor_list(parameters, "parameters", warn_empty_generator=True)
+    max_norm = parse_max_norm(max_norm)
+    norm_type = parse_norm_type(norm_type)
+    grads = grads_of(parameters)
+    impl = select_backend(backend, grads, norm_type)
+    if not grads:
+        return torch.tensor(0.0)
+    if error_if_nonfinite:
+        total_norm = impl.get_total_norm(grads, norm_type, foreach)
+        _raise_if_nonfinite(total_norm, norm_type)
+        impl.clip_grads_with_norm_(grads, max_norm, total_norm, foreach)
+        return total_norm
+    return impl.clip_(grads, max_norm, norm_type, foreach)
+
+
+@torch.no_grad()
+def get_total_norm(
+    tensors: TensorOrTensors,
+    norm_type: float | str = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    r"""Compute the norm of an iterable of tensors: a drop-in for :func:`torch.nn.utils.get_total_norm`.
+
+    Args:
+        tensors (Iterable[Tensor] or Tensor): the tensors (typically gradients) to measure.
+        norm_type (float or str): type of the p-norm, as in :func:`clip_`. Default: 2.0
+        error_if_nonfinite (bool): if True, raise when the norm is NaN or infinite. Default: False
+        foreach (bool, optional): as in :func:`clip_`. Default: None
+        backend (str): as in :func:`clip_`. Default: ``"auto"``
+
+    Returns:
+        Total norm of the tensors (viewed as a single vector), a 0-dim tensor.
+    """
+    tensors = as_tensor_list(tensors, "tensors", warn_empty_generator=False)
+    norm_type = parse_norm_type(norm_type)
+    impl = select_backend(backend, tensors, norm_type)
+    if not tensors:
+        return torch.tensor(0.0)
+    total_norm = impl.get_total_norm(tensors, norm_type, foreach)
+    if error_if_nonfinite:
+        _raise_if_nonfinite(total_norm, norm_type)
+    return total_norm
+
+
+@torch.no_grad()
+def clip_grads_with_norm_(
+    parameters: TensorOrTensors,
+    max_norm: float | torch.Tensor,
+    total_norm: torch.Tensor,
+    foreach: bool | None = None,
+    *,
+    backend: str = "auto",
+) -> None:
+    r"""Scale gradients in place given a precomputed total norm: a drop-in for
+    :func:`torch.nn.utils.clip_grads_with_norm_`.
+
+    Every gradient is multiplied by :math:`\min(\text{max\_norm} / (\text{total\_norm} + 10^{-6}), 1)`.
+
+    Args:
+        parameters (Iterable[Tensor] or Tensor): tensors whose ``.grad`` will be scaled.
+        max_norm (float or Tensor): max norm of the gradients.
+        total_norm (Tensor): total norm of the gradients, e.g. from :func:`get_total_norm`.
+        foreach (bool, optional): as in :func:`clip_`. Default: None
+        backend (str): as in :func:`clip_`. Default: ``"auto"``
+
+    Returns:
+        None
+    """
+    parameters = as_tensor_list(parameters, "parameters", warn_empty_generator=False)
+    max_norm = parse_max_norm(max_norm)
+    if not isinstance(total_norm, torch.Tensor):
+        raise TypeError(f"total_norm must be a Tensor, got {type(total_norm).__name__}")
+    grads = grads_of(parameters)
+    impl = select_backend(backend, grads, None)
+    if grads:
+        impl.clip_grads_with_norm_(grads, max_norm, total_norm, foreach)
+
+
+@torch.no_grad()
+def clip_grad_value_(
+    parameters: TensorOrTensors,
+    clip_value: float | torch.Tensor,
+    foreach: bool | None = None,
+    *,
+    backend: str = "auto",
+) -> None:
+    r"""Clamp gradients in place to ``[-clip_value, clip_value]``: a drop-in for
+    :func:`torch.nn.utils.clip_grad_value_`.
+
+    Args:
+        parameters (Iterable[Tensor] or Tensor): tensors whose ``.grad`` will be clamped.
+        clip_value (float or Tensor): maximum allowed magnitude of each gradient element.
+        foreach (bool, optional): as in :func:`clip_`. Default: None
+        backend (str): as in :func:`clip_`. Default: ``"auto"``
+
+    Returns:
+        None
+    """
+    parameters = as_tensor_list(parameters, "parameters", warn_empty_generator=False)
+    clip_value = parse_max_norm(clip_value, "clip_value")
+    grads = grads_of(parameters)
+    impl = select_backend(backend, grads, None)
+    if grads:
+        impl.clip_grad_value_(grads, clip_value, foreach)
+
+
+def available_backends(device: str | torch.device = "cpu") -> list[str]:
+    """Names of the backends that can run on ``device`` on this machine, best first.
+
+    Args:
+        device: a device or device type, e.g. ``"cpu"`` or ``"cuda"``.
+
+    Returns:
+        Backend names; ``"torch"`` is always among them. ``python -m fastclip.info`` says why the
+        others are missing.
+    """
+    status = backend_status(device)
+    preferred = ("cpp", "triton", "torch")
+    return [name for name in preferred if status[name] is None]

@@ -1,0 +1,57 @@
+"""The interface every backend implements.
+
+A backend receives already-validated arguments: a list of gradient tensors (never parameters, never
+None), ``norm_type`` and ``max_norm`` as Python floats. It never sees ``error_if_nonfinite``: the
+public API handles that check once, between the norm and the scaling, for every backend alike.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class Backend:
+    """Base class: a named implementation of the clipping operations.
+
+    Subclasses implement :meth:`get_total_norm` and :meth:`clip_grads_with_norm_`; a fused backend
+    also overrides :meth:`clip_` to compute the norm and scale in one pass.
+    """
+
+    name: str = ""
+
+    def unavailable_reason(self, device: torch.device) -> str | None:
+        """Why this backend cannot run on ``device`` at all on this machine, or None if it can."""
+        return None
+
+    def unsupported_reason(self, tensors: list[torch.Tensor], norm_type: float) -> str | None:
+        """Why this backend cannot serve these particular tensors, or None if it can.
+
+        Called only after :meth:`unavailable_reason` said the device is usable.
+        """
+        return None
+
+    def get_total_norm(self, tensors: list[torch.Tensor], norm_type: float, foreach: bool | None) -> torch.Tensor:
+        """The total ``norm_type``-norm of ``tensors`` (a non-empty list), in torch's result dtype."""
+        raise NotImplementedError
+
+    def clip_grads_with_norm_(
+        self, grads: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor, foreach: bool | None
+    ) -> None:
+        """Scale ``grads`` (a non-empty list) in place by ``min(max_norm / (total_norm + 1e-6), 1)``."""
+        raise NotImplementedError
+
+    def clip_(self, grads: list[torch.Tensor], max_norm: float, norm_type: float, foreach: bool | None) -> torch.Tensor:
+        """Clip ``grads`` (a non-empty list) in place and return their total norm before clipping."""
+        total_norm = self.get_total_norm(grads, norm_type, foreach)
+        self.clip_grads_with_norm_(grads, max_norm, total_norm, foreach)
+        return total_norm
+
+    def clip_grad_value_(self, grads: list[torch.Tensor], clip_value: float, foreach: bool | None) -> None:
+        """Clamp every element of ``grads`` to ``[-clip_value, clip_value]`` in place.
+
+        Clamping is exact, so every implementation gives torch's bits; the default is the torch
+        backend's, for backends that have no fused version.
+        """
+        from fastclip.backends.torch_backend import clamp_grads_
+
+        clamp_grads_(grads, clip_value, foreach)

@@ -1,0 +1,75 @@
+"""Backend "torch": pure PyTorch, always available, bit-identical to ``torch.nn.utils`` (clause E1).
+
+It mirrors ``torch/nn/utils/clip_grad.py`` (torch 2.13) operation for operation: same grouping by
+(device, dtype), same foreach kernels, same coefficient arithmetic. The norm is computed by torch's
+own ``_get_total_norm``, captured at import so that ``fastclip`` keeps calling the original even
+after ``torch.nn.utils`` is patched to call ``fastclip``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.utils import clip_grad as _torch_clip_grad
+from torch.utils._foreach_utils import (
+    _device_has_foreach_support,
+    _group_tensors_by_device_and_dtype,
+    _has_foreach_support,
+)
+
+from fastclip.backends.base import Backend
+
+# Undecorated original: the public API already runs under torch.no_grad().
+_torch_get_total_norm = _torch_clip_grad._get_total_norm.__wrapped__
+
+
+def clip_coefficient(total_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """``min(max_norm / (total_norm + 1e-6), 1)`` with torch's exact roundings, on the norm's device.
+
+    A Python float divided by a tensor runs as ``reciprocal(total + 1e-6) * max_norm``: two
+    roundings, not a true division. Kept as a tensor so no host-device synchronisation happens.
+    """
+    clip_coef = max_norm / (total_norm + 1e-6)
+    return torch.clamp(clip_coef, max=1.0)
+
+
+def _use_foreach(foreach: bool | None, tensors: list[torch.Tensor], device: torch.device) -> bool:
+    """torch's rule for taking the foreach path, including its error for an unsupported device."""
+    if (foreach is None and _has_foreach_support(tensors, device)) or (foreach and _device_has_foreach_support(device)):
+        return True
+    if foreach:
+        raise RuntimeError(f"foreach=True was passed, but can't use the foreach API on {device.type} tensors")
+    return False
+
+
+def scale_grads_(grads: list[torch.Tensor], coefficient: torch.Tensor, foreach: bool | None) -> None:
+    """Multiply every gradient in place by the 0-dim tensor ``coefficient``, grouped as torch does."""
+    for (device, _), ([device_grads], _) in _group_tensors_by_device_and_dtype([grads]).items():
+        coefficient_on_device = coefficient.to(device)
+        if _use_foreach(foreach, device_grads, device):
+            torch._foreach_mul_(device_grads, coefficient_on_device)
+        else:
+            for g in device_grads:
+                g.mul_(coefficient_on_device)
+
+
+def clamp_grads_(grads: list[torch.Tensor], clip_value: float, foreach: bool | None) -> None:
+    """Clamp every gradient in place to ``[-clip_value, clip_value]``, as ``clip_grad_value_`` does."""
+    for (device, _), ([device_grads], _) in _group_tensors_by_device_and_dtype([grads]).items():
+        if _use_foreach(foreach, device_grads, device):
+            torch._foreach_clamp_min_(device_grads, -clip_value)
+            torch._foreach_clamp_max_(device_grads, clip_value)
+        else:
+            for g in device_grads:
+                g.clamp_(min=-clip_value, max=clip_value)
+
+
+class TorchBackend(Backend):
+    """Pure-PyTorch reference backend: serves every input torch accepts, on every device."""
+
+    name = "torch"
+
+    def get_total_norm(self, tensors, norm_type, foreach):
+        return _torch_get_total_norm(tensors, norm_type, False, foreach)
+
+    def clip_grads_with_norm_(self, grads, max_norm, total_norm, foreach):
+        scale_grads_(grads, clip_coefficient(total_norm, max_norm), foreach)

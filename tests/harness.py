@@ -1,0 +1,199 @@
+"""Differential test harness: run fastclip and ``torch.nn.utils`` on identical copies of the same
+gradients and compare, under the clause of the exactness contract (../shared/TORCH-SEMANTICS.md)
+that applies to the backend and the input.
+
+Gradients are described by :class:`GradSpec` and built deterministically from a seed, so building
+twice gives two independent, bit-identical copies. Non-contiguous gradients are strided views into a
+larger buffer; the whole buffer is compared, so a write into the gaps is caught too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+import fastclip
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+@dataclasses.dataclass(frozen=True)
+class GradSpec:
+    """One parameter and its gradient.
+
+    Attributes:
+        shape: the parameter's shape.
+        dtype: the gradient's dtype.
+        layout: "contiguous", "strided" (every other element of a 2x larger buffer along the last
+            dim), "transposed" (a transposed view) or "channels_last" (4-d only).
+        values: "randn" (standard normal times ``scale``), "dyadic" (small multiples of 1/8, so that
+            every sum and square is exact), "none" (the parameter has no gradient).
+        scale: multiplier of the random values.
+    """
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype = torch.float32
+    layout: str = "contiguous"
+    values: str = "randn"
+    scale: float = 1.0
+
+
+def _values(spec: GradSpec, numel: int, generator: torch.Generator) -> torch.Tensor:
+    if spec.values == "dyadic":
+        # Integers in [-8, 8] / 8: exact in every float dtype, and so are their squares and sums.
+        return torch.randint(-8, 9, (numel,), generator=generator, dtype=torch.float64) / 8
+    return torch.randn(numel, generator=generator, dtype=torch.float64) * spec.scale
+
+
+def _strided_grad(spec: GradSpec, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gradient view, the buffer that owns its memory)."""
+    shape = spec.shape
+    if spec.layout == "contiguous" or len(shape) == 0:
+        buffer = _values(spec, math.prod(shape), generator).to(spec.dtype).reshape(shape)
+        return buffer, buffer
+    if spec.layout == "strided":
+        wide = (*shape[:-1], 2 * shape[-1])
+        buffer = _values(spec, math.prod(wide), generator).to(spec.dtype).reshape(wide)
+        return buffer[..., ::2], buffer
+    if spec.layout == "transposed":
+        flipped = tuple(reversed(shape))
+        buffer = _values(spec, math.prod(flipped), generator).to(spec.dtype).reshape(flipped)
+        return buffer.permute(*reversed(range(len(shape)))), buffer
+    if spec.layout == "channels_last":
+        buffer = _values(spec, math.prod(shape), generator).to(spec.dtype).reshape(shape)
+        buffer = buffer.contiguous(memory_format=torch.channels_last)
+        return buffer, buffer
+    raise ValueError(f"unknown layout {spec.layout!r}")
+
+
+def build(specs: list[GradSpec], seed: int = 0) -> tuple[list[torch.nn.Parameter], list[torch.Tensor]]:
+    """Parameters with gradients as described, and the buffers that own the gradients' memory."""
+    generator = torch.Generator().manual_seed(seed)
+    params, buffers = [], []
+    for spec in specs:
+        param = torch.nn.Parameter(torch.zeros(spec.shape, dtype=spec.dtype))
+        if spec.values != "none":
+            param.grad, buffer = _strided_grad(spec, generator)
+            buffers.append(buffer)
+        params.append(param)
+    return params, buffers
+
+
+def poison(params: list[torch.nn.Parameter], where: list[tuple[int, int, float]]) -> None:
+    """Write special values (NaN, inf) into gradients: ``(parameter index, flat index, value)``,
+    the flat index counting elements in the gradient's logical (row-major) order."""
+    for index, flat_index, value in where:
+        grad = params[index].grad
+        position = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat_index), grad.shape))
+        grad[position] = value
+
+
+def assert_same(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    """Exact equality: same dtype, shape and device; NaN in the same places; every other element
+    bit-identical (so ``-0.0`` and ``+0.0`` differ). NaN payloads are not compared."""
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.device == expected.device, f"{what}: device {actual.device} != {expected.device}"
+    actual_nan, expected_nan = actual.isnan(), expected.isnan()
+    assert torch.equal(actual_nan, expected_nan), f"{what}: NaN positions differ"
+    a = torch.where(actual_nan, torch.zeros_like(actual), actual)
+    e = torch.where(expected_nan, torch.zeros_like(expected), expected)
+    if not (torch.equal(a, e) and torch.equal(a.signbit(), e.signbit())):
+        diff = (a.double() - e.double()).abs()
+        worst = int(diff.reshape(-1).argmax())
+        raise AssertionError(
+            f"{what}: {int((a != e).sum())} of {a.numel()} elements differ; worst at flat index {worst}: "
+            f"{a.reshape(-1)[worst].item()!r} != {e.reshape(-1)[worst].item()!r}"
+        )
+
+
+def exact_clause(backend: str, norm_type: float, values_exact: bool) -> str | None:
+    """The clause under which ``backend`` must be bit-identical to torch, or None if it need not be.
+
+    E1: backend "torch", always. E2: fused backends with the inf norms. E4: fused backends on inputs
+    whose arithmetic is exact. Otherwise only E3 (gradients given the returned norm) and E5 (norm
+    error bound) apply.
+    """
+    if backend == "torch":
+        return "E1"
+    if math.isinf(norm_type):
+        return "E2"
+    if values_exact:
+        return "E4"
+    return None
+
+
+def reference_norm_float64(grads: list[torch.Tensor], norm_type: float) -> float:
+    """The true p-norm of all elements, computed in float64 over the flattened gradients."""
+    flat = torch.cat([g.detach().double().reshape(-1) for g in grads])
+    return float(torch.linalg.vector_norm(flat, norm_type))
+
+
+def check_clip(
+    backend: str,
+    specs: list[GradSpec],
+    max_norm: float,
+    norm_type: float | str = 2.0,
+    *,
+    seed: int = 0,
+    special_values: list[tuple[int, int, float]] = (),
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+    as_generator: bool = False,
+) -> torch.Tensor:
+    """Run ``torch.nn.utils.clip_grad_norm_`` and ``fastclip.clip_(backend=backend)`` on identical
+    copies and assert the applicable clauses. Returns fastclip's norm.
+
+    If torch raises (``error_if_nonfinite`` with a NaN/Inf norm), fastclip must raise the same
+    exception type, and leave every gradient buffer bit-identical to before.
+    """
+    ref_params, ref_buffers = build(specs, seed)
+    params, buffers = build(specs, seed)
+    pristine_params, pristine_buffers = build(specs, seed)
+    for p in (ref_params, params, pristine_params):
+        poison(p, list(special_values))
+    values_exact = all(s.values in ("dyadic", "none") for s in specs) and not special_values
+
+    torch_error = fastclip_error = None
+    try:
+        expected_norm = torch.nn.utils.clip_grad_norm_(ref_params, max_norm, norm_type, error_if_nonfinite, foreach)
+    except RuntimeError as e:
+        torch_error = e
+    try:
+        arg = (p for p in params) if as_generator else params
+        norm = fastclip.clip_(arg, max_norm, norm_type, error_if_nonfinite, foreach, backend=backend)
+    except RuntimeError as e:
+        fastclip_error = e
+
+    if torch_error is not None or fastclip_error is not None:
+        assert torch_error is not None and fastclip_error is not None, (
+            f"torch raised {torch_error!r} but fastclip raised {fastclip_error!r}"
+        )
+        for i, (buffer, before) in enumerate(zip(buffers, pristine_buffers)):
+            assert_same(buffer, before, f"gradient {i} after a refused clip")
+        return None
+
+    clause = exact_clause(backend, float(norm_type), values_exact)
+    if clause is not None:
+        assert_same(norm, expected_norm, f"[{clause}] total norm")
+        for i, (buffer, ref_buffer) in enumerate(zip(buffers, ref_buffers)):
+            assert_same(buffer, ref_buffer, f"[{clause}] gradient {i}")
+        return norm
+
+    # E3: the gradients are exactly torch's scaling by the norm fastclip returned.
+    assert norm.dtype == expected_norm.dtype, f"[E3] norm dtype {norm.dtype} != torch's {expected_norm.dtype}"
+    e3_params, e3_buffers = build(specs, seed)
+    poison(e3_params, list(special_values))
+    torch.nn.utils.clip_grads_with_norm_(e3_params, max_norm, norm, foreach)
+    for i, (buffer, e3_buffer) in enumerate(zip(buffers, e3_buffers)):
+        assert_same(buffer, e3_buffer, f"[E3] gradient {i}")
+    # E5: the norm's error against float64 is no larger than torch's, or 2 ulp of the accumulation.
+    grads = [p.grad for p in pristine_params if p.grad is not None]
+    truth = reference_norm_float64(grads, float(norm_type))
+    if math.isfinite(truth):
+        accumulation_eps = torch.finfo(torch.float64 if norm.dtype == torch.float64 else torch.float32).eps
+        bound = max(abs(float(expected_norm) - truth), 2 * accumulation_eps * abs(truth))
+        assert abs(float(norm) - truth) <= bound, f"[E5] norm {float(norm)!r}, truth {truth!r}, torch {float(expected_norm)!r}"
+    return norm

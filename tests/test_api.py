@@ -1,0 +1,168 @@
+"""The public API's contract beyond the arithmetic: input forms, the other three functions,
+dispatch rules, errors, and ``python -m fastclip.info``."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import fastclip
+from fastclip._dispatch import select_backend
+from harness import FLOAT_DTYPES, GradSpec, assert_same, build, exact_clause, reference_norm_float64
+
+MIXED = [GradSpec((1025,), d) for d in FLOAT_DTYPES] + [GradSpec((6, 5), torch.float32, "transposed")]
+
+
+def test_bare_tensor(backend):
+    ref, mine = torch.nn.Parameter(torch.ones(5)), torch.nn.Parameter(torch.ones(5))
+    ref.grad, mine.grad = torch.arange(5.0), torch.arange(5.0)
+    assert_same(fastclip.clip_(mine, 1.0, backend=backend), torch.nn.utils.clip_grad_norm_(ref, 1.0), "norm")
+    assert_same(mine.grad, ref.grad, "gradient")
+
+
+def test_no_gradients_returns_zero(backend):
+    for parameters in ([], [torch.nn.Parameter(torch.ones(3))]):
+        norm = fastclip.clip_(parameters, 1.0, backend=backend)
+        assert_same(norm, torch.nn.utils.clip_grad_norm_(parameters, 1.0), "norm of nothing")
+
+
+def test_empty_generator_warns_like_torch(backend):
+    with pytest.warns(UserWarning, match="empty generator"):
+        fastclip.clip_((p for p in []), 1.0, backend=backend)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fastclip.clip_([], 1.0, backend=backend)  # an empty list is not suspicious
+
+
+@pytest.mark.parametrize("max_norm", [0.5, torch.tensor(0.5), torch.tensor([0.5], dtype=torch.float64), 1])
+def test_max_norm_spellings(backend, max_norm):
+    ref, _ = build(MIXED)
+    mine, _ = build(MIXED)
+    expected = torch.nn.utils.clip_grad_norm_(ref, max_norm)
+    assert_same(fastclip.clip_(mine, max_norm, backend=backend), expected, "norm")
+    for p, r in zip(mine, ref):
+        assert_same(p.grad, r.grad, "gradient")
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1, 3.0, math.inf, "inf", -math.inf, 0.0], ids=str)
+def test_get_total_norm(backend, norm_type):
+    params, _ = build(MIXED)
+    grads = [p.grad for p in params]
+    expected = torch.nn.utils.get_total_norm(grads, norm_type)
+    norm = fastclip.get_total_norm(grads, norm_type, backend=backend)
+    if exact_clause(backend, float(norm_type), values_exact=False):
+        assert_same(norm, expected, "norm")
+    else:  # E5
+        truth = reference_norm_float64(grads, float(norm_type))
+        assert norm.dtype == expected.dtype
+        assert abs(float(norm) - truth) <= max(abs(float(expected) - truth), 2 * torch.finfo(torch.float32).eps * truth)
+
+
+def test_get_total_norm_error_if_nonfinite(backend):
+    grads = [torch.ones(3), torch.tensor([1.0, math.inf])]
+    with pytest.raises(RuntimeError, match="non-finite"):
+        fastclip.get_total_norm(grads, error_if_nonfinite=True, backend=backend)
+    assert fastclip.get_total_norm([], backend=backend).item() == 0.0
+
+
+@pytest.mark.parametrize("total_norm", [0.3, 2.0, 1e6, math.inf, math.nan])
+def test_clip_grads_with_norm(backend, total_norm):
+    """E3: given the same total norm, the scaling is bit-identical to torch for every backend."""
+    ref, _ = build(MIXED)
+    mine, _ = build(MIXED)
+    torch.nn.utils.clip_grads_with_norm_(ref, 1.0, torch.tensor(total_norm))
+    assert fastclip.clip_grads_with_norm_(mine, 1.0, torch.tensor(total_norm), backend=backend) is None
+    for p, r in zip(mine, ref):
+        assert_same(p.grad, r.grad, "gradient")
+
+
+def test_clip_grads_with_norm_needs_a_tensor():
+    with pytest.raises(TypeError, match="total_norm"):
+        fastclip.clip_grads_with_norm_([torch.nn.Parameter(torch.ones(2))], 1.0, 2.0)
+
+
+@pytest.mark.parametrize("clip_value", [0.1, 1.0, torch.tensor(0.25)], ids=str)
+def test_clip_grad_value(backend, clip_value):
+    ref, _ = build(MIXED)
+    mine, _ = build(MIXED)
+    torch.nn.utils.clip_grad_value_(ref, clip_value)
+    assert fastclip.clip_grad_value_(mine, clip_value, backend=backend) is None
+    for p, r in zip(mine, ref):
+        assert_same(p.grad, r.grad, "gradient")
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"norm_type": "two"}, ValueError, "norm_type"),
+        ({"norm_type": None}, TypeError, "norm_type"),
+        ({"norm_type": math.nan}, ValueError, "norm_type"),
+        ({"max_norm": "1.0"}, TypeError, "max_norm"),
+        ({"max_norm": torch.ones(2)}, ValueError, "max_norm"),
+        ({"backend": "cuda"}, ValueError, "backend"),
+    ],
+)
+def test_bad_arguments_raise_before_modifying(kwargs, error, match):
+    params, buffers = build(MIXED)
+    before, _ = build(MIXED)
+    arguments = {"max_norm": 0.1, **kwargs}
+    with pytest.raises(error, match=match):
+        fastclip.clip_(params, **arguments)
+    for p, b in zip(params, before):
+        assert_same(p.grad, b.grad, "gradient after refused call")
+
+
+@pytest.mark.parametrize("parameters, match", [(3.0, "parameters"), ([torch.ones(2), "w"], r"parameters\[1\]")])
+def test_parameters_that_are_not_tensors(parameters, match):
+    with pytest.raises(TypeError, match=match):
+        fastclip.clip_(parameters, 1.0)
+
+
+def test_auto_always_finds_a_backend():
+    grads = [torch.ones(3)]
+    assert select_backend("auto", grads, 2.0).name in fastclip.available_backends("cpu")
+
+
+def test_auto_falls_back_to_torch_for_several_devices():
+    grads = [torch.ones(3), torch.ones(3, device="meta")]
+    assert select_backend("auto", grads, 2.0).name == "torch"
+
+
+@pytest.mark.parametrize("name", ["cpp", "triton"])
+def test_named_backend_that_cannot_serve_raises(name):
+    grads = [torch.ones(3), torch.ones(3, device="meta")]
+    with pytest.raises(ValueError, match=f"backend '{name}' cannot serve this call: .*several devices"):
+        select_backend(name, grads, 2.0)
+
+
+def test_environment_variable_overrides_auto(monkeypatch):
+    monkeypatch.setenv("FASTCLIP_BACKEND", "torch")
+    assert select_backend("auto", [torch.ones(2)], 2.0).name == "torch"
+    monkeypatch.setenv("FASTCLIP_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="FASTCLIP_BACKEND"):
+        select_backend("auto", [torch.ones(2)], 2.0)
+    with pytest.raises(ValueError, match="FASTCLIP_BACKEND"):
+        fastclip.clip_([], 1.0)  # checked even when there is nothing to clip
+
+
+def test_available_backends():
+    names = fastclip.available_backends("cpu")
+    assert names[-1] == "torch" and set(names) <= {"cpp", "triton", "torch"}
+
+
+def test_info_lists_every_backend():
+    out = subprocess.run([sys.executable, "-m", "fastclip.info"], capture_output=True, text=True, check=True).stdout
+    for name in ("torch", "cpp", "triton"):
+        assert f"  {name} " in out
+    assert "torch   available" in out
+
+
+def test_results_do_not_require_grad(backend):
+    p = torch.nn.Parameter(torch.ones(4))
+    (p * 3).sum().backward()
+    assert not fastclip.clip_([p], 1.0, backend=backend).requires_grad

@@ -1,0 +1,94 @@
+"""Differential tests: every backend against ``torch.nn.utils.clip_grad_norm_`` on the same inputs,
+under the exactness contract (see harness.py and ../shared/TORCH-SEMANTICS.md)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from harness import FLOAT_DTYPES, GradSpec, check_clip
+
+NORM_TYPES = [2.0, math.inf, 1.0, 3.0, 0.5, 0.0, -math.inf, "inf"]
+CLIPPING, NOT_CLIPPING = 0.5, 1e6
+
+
+def _shapes(case: str) -> list[tuple[tuple[int, ...], str]]:
+    """(shape, layout) lists for the shape cases users hit."""
+    return {
+        "scalars": [((), "contiguous"), ((1,), "contiguous"), ((), "contiguous")],
+        "zero_size": [((0,), "contiguous"), ((3, 0), "contiguous"), ((5,), "contiguous"), ((0, 4), "contiguous")],
+        "boundaries_1024": [((1023,), "contiguous"), ((1024,), "contiguous"), ((1025,), "contiguous")],
+        "boundaries_65536": [((65535,), "contiguous"), ((65536,), "contiguous"), ((65537,), "contiguous")],
+        "non_contiguous": [((7, 9), "strided"), ((5, 11), "transposed"), ((2, 3, 4, 5), "channels_last"), ((9,), "strided")],
+        "many_tensors": [((i % 7 + 1, 3), "contiguous") for i in range(130)],
+    }[case]
+
+
+def _specs(case: str, dtype: str, values: str = "randn") -> list[GradSpec]:
+    shapes = _shapes(case)
+    dtypes = FLOAT_DTYPES if dtype == "mixed" else (getattr(torch, dtype),)
+    return [GradSpec(shape, dtypes[i % len(dtypes)], layout, values) for i, (shape, layout) in enumerate(shapes)]
+
+
+SHAPE_CASES = ["scalars", "zero_size", "boundaries_1024", "boundaries_65536", "non_contiguous", "many_tensors"]
+DTYPE_CASES = ["float32", "float16", "bfloat16", "float64", "mixed"]
+
+
+@pytest.mark.parametrize("max_norm", [CLIPPING, NOT_CLIPPING], ids=["clips", "no_clip"])
+@pytest.mark.parametrize("norm_type", NORM_TYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPE_CASES)
+@pytest.mark.parametrize("case", SHAPE_CASES)
+def test_random_gradients(backend, case, dtype, norm_type, max_norm):
+    check_clip(backend, _specs(case, dtype), max_norm, norm_type)
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, 3.0, math.inf], ids=str)
+@pytest.mark.parametrize("dtype", DTYPE_CASES)
+@pytest.mark.parametrize("case", ["boundaries_1024", "boundaries_65536", "non_contiguous", "many_tensors"])
+def test_exact_arithmetic_gradients(backend, case, dtype, norm_type):
+    """Dyadic values: every backend must match torch bit for bit (E4), so a missed, doubled or
+    misplaced element is always caught."""
+    check_clip(backend, _specs(case, dtype, values="dyadic"), CLIPPING, norm_type)
+
+
+@pytest.mark.parametrize("foreach", [None, True, False])
+def test_foreach_argument(backend, foreach):
+    check_clip(backend, _specs("non_contiguous", "mixed"), CLIPPING, 2.0, foreach=foreach)
+
+
+def test_none_gradients_are_skipped(backend):
+    specs = [GradSpec((4,)), GradSpec((3,), values="none"), GradSpec((2, 2), torch.bfloat16), GradSpec((5,), values="none")]
+    check_clip(backend, specs, CLIPPING)
+
+
+def test_all_gradients_none(backend):
+    norm = check_clip(backend, [GradSpec((4,), values="none"), GradSpec((3,), values="none")], CLIPPING)
+    assert norm.item() == 0.0
+
+
+def test_generator_of_parameters(backend):
+    check_clip(backend, _specs("boundaries_1024", "mixed"), CLIPPING, as_generator=True)
+
+
+SPECIAL_VALUES = [math.nan, math.inf, -math.inf]
+
+
+@pytest.mark.parametrize("error_if_nonfinite", [False, True])
+@pytest.mark.parametrize("norm_type", [2.0, math.inf, 1.0, -math.inf, 0.0], ids=str)
+@pytest.mark.parametrize("value", SPECIAL_VALUES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPE_CASES)
+def test_nan_and_inf_gradients(backend, dtype, value, norm_type, error_if_nonfinite):
+    """NaN/Inf in one gradient: propagated like torch, or refused with every gradient untouched."""
+    specs = _specs("boundaries_1024", dtype)
+    check_clip(
+        backend, specs, CLIPPING, norm_type, special_values=[(1, 700, value)], error_if_nonfinite=error_if_nonfinite
+    )
+
+
+@pytest.mark.parametrize("error_if_nonfinite", [False, True])
+def test_overflowing_norm(backend, error_if_nonfinite):
+    """Finite fp16 gradients whose fp16 norm overflows to inf (torch returns inf, scales by 0)."""
+    specs = [GradSpec((4096,), torch.float16, scale=2000.0), GradSpec((10,), torch.float32)]
+    check_clip(backend, specs, CLIPPING, 2.0, error_if_nonfinite=error_if_nonfinite)
