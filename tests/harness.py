@@ -28,8 +28,9 @@ class GradSpec:
         dtype: the gradient's dtype.
         layout: "contiguous", "strided" (every other element of a 2x larger buffer along the last
             dim), "transposed" (a transposed view) or "channels_last" (4-d only).
-        values: "randn" (standard normal times ``scale``), "dyadic" (small multiples of 1/8, so that
-            every sum and square is exact), "none" (the parameter has no gradient).
+        values: "randn" (standard normal times ``scale``), "dyadic" (multiples of 1/8 whose sum of
+            squares is an exact square, so the arithmetic of the L1, L2 and inf norms is exact and
+            any backend must match torch bit for bit, clause E4), "none" (no gradient).
         scale: multiplier of the random values.
     """
 
@@ -40,10 +41,37 @@ class GradSpec:
     scale: float = 1.0
 
 
+def _four_squares(n: int) -> tuple[int, int, int, int] | None:
+    """Four non-negative integers whose squares sum to ``n``, found greedily (None if greed fails)."""
+    for a in range(math.isqrt(n), -1, -1):
+        rest, parts = n - a * a, [a]
+        for _ in range(3):
+            parts.append(math.isqrt(rest))
+            rest -= parts[-1] ** 2
+        if rest == 0:
+            return tuple(parts)
+    return None
+
+
+def _exact_square_dyadic(numel: int, generator: torch.Generator) -> torch.Tensor:
+    """Multiples of 1/8 in about [-1, 1] whose sum of squares is an exact square, so that each
+    tensor's 2-norm, and every sum of squares of such norms, is exact in every float dtype."""
+    k = torch.randint(-8, 9, (numel,), generator=generator, dtype=torch.int64)
+    if numel < 5:  # a single non-zero value: its square is a square
+        k[1:] = 0
+        return k.double() / 8
+    partial = int((k[:-4] ** 2).sum())
+    root = math.isqrt(partial - 1) + 1 if partial else 0  # the smallest root with root**2 >= partial
+    while (fill := _four_squares(root * root - partial)) is None:
+        root += 1
+    signs = torch.randint(0, 2, (4,), generator=generator) * 2 - 1
+    k[-4:] = torch.tensor(fill) * signs
+    return k.double() / 8
+
+
 def _values(spec: GradSpec, numel: int, generator: torch.Generator) -> torch.Tensor:
     if spec.values == "dyadic":
-        # Integers in [-8, 8] / 8: exact in every float dtype, and so are their squares and sums.
-        return torch.randint(-8, 9, (numel,), generator=generator, dtype=torch.float64) / 8
+        return _exact_square_dyadic(numel, generator)
     return torch.randn(numel, generator=generator, dtype=torch.float64) * spec.scale
 
 

@@ -44,7 +44,9 @@ def test_random_gradients(backend, case, dtype, norm_type, max_norm):
     check_clip(backend, _specs(case, dtype), max_norm, norm_type)
 
 
-@pytest.mark.parametrize("norm_type", [2.0, 1.0, 3.0, math.inf], ids=str)
+# p=3 is left out: the cube root of an exact sum is rounded, and the total's sum of cubes of
+# rounded norms then depends on summation order, so E4's precondition does not hold.
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf], ids=str)
 @pytest.mark.parametrize("dtype", DTYPE_CASES)
 @pytest.mark.parametrize("case", ["boundaries_1024", "boundaries_65536", "non_contiguous", "many_tensors"])
 def test_exact_arithmetic_gradients(backend, case, dtype, norm_type):
