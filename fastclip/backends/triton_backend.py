@@ -17,9 +17,11 @@ from fastclip.backends.base import Backend
 def _kernels_error() -> str | None:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
-    if importlib.util.find_spec("triton_kernels.clip") is None:
-        return "this version of fastclip has no Triton kernels"
-    return None
+    try:
+        found = importlib.util.find_spec("triton_kernels.clip") is not None
+    except ModuleNotFoundError:  # no triton_kernels package at all
+        found = False
+    return None if found else "this version of fastclip has no Triton kernels"
 
 
 class TritonBackend(Backend):
