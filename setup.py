@@ -1,5 +1,28 @@
-"""Build script: a pure-Python package for now; the C++/CUDA extension is added with its kernels."""
+"""Builds fastclip and its C++ extension ``fastclip._C`` (csrc/) against the installed torch.
+
+Install with ``pip install --no-build-isolation -e .`` so the extension is compiled against the torch
+already in the environment. ``FASTCLIP_USE_CPP=0`` gives a pure-Python install. ``MAX_JOBS`` limits
+ninja's parallelism, as in every torch extension.
+"""
+
+import glob
+import os
 
 from setuptools import setup
 
-setup()
+
+def extension_build():
+    """(ext_modules, cmdclass) for setup(); empty when FASTCLIP_USE_CPP=0."""
+    if os.environ.get("FASTCLIP_USE_CPP", "1") == "0":
+        return [], {}
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+    sources = ["csrc/fastclip_ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    # fp-contract=off: no fused multiply-adds, so every instruction-set variant of the kernels
+    # rounds exactly like torch's separate multiply and add.
+    extension = CppExtension("fastclip._C", sources, extra_compile_args={"cxx": ["-O3", "-ffp-contract=off"]})
+    return [extension], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = extension_build()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

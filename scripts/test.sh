@@ -6,5 +6,5 @@ bash scripts/setup-env.sh
 . .venv/bin/activate
 python -m fastclip.info
 # Backends that must be usable here: their absence fails the run instead of skipping their tests.
-export FASTCLIP_TEST_REQUIRE="torch"
+export FASTCLIP_TEST_REQUIRE="torch cpp"
 python -m pytest tests "$@"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 
 from fastclip import _extension
@@ -9,6 +12,29 @@ from fastclip.backends.base import Backend
 
 # Dispatch key of the extension's kernels for each device type it can serve.
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+_KERNEL_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16, torch.float64})
+
+
+def _total_norm_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
+    """The dtype torch.stack gives the per-tensor norms: the promotion of every tensor's dtype."""
+    return functools.reduce(torch.promote_types, {t.dtype for t in tensors})
+
+
+@functools.cache
+def _register_fake_kernels() -> None:
+    """Shape-and-dtype functions so torch.compile(fullgraph=True) can trace the ops."""
+
+    @torch.library.register_fake("fastclip::total_norm")
+    def _(tensors, norm_type):
+        return tensors[0].new_empty((), dtype=_total_norm_dtype(tensors))
+
+    @torch.library.register_fake("fastclip::clip_")
+    def _(grads, max_norm, norm_type):
+        return grads[0].new_empty((), dtype=_total_norm_dtype(grads))
+
+    @torch.library.register_fake("fastclip::scale_with_norm_")
+    def _(grads, max_norm, total_norm):
+        return None
 
 
 class CppBackend(Backend):
@@ -25,4 +51,24 @@ class CppBackend(Backend):
             return f"no kernels for {device.type} tensors"
         if not _extension.has_kernel("clip_", key):
             return f"the extension was built without {key} kernels"
+        _register_fake_kernels()
         return None
+
+    def unsupported_reason(self, tensors, norm_type):
+        if norm_type is not None and not (norm_type > 0 and (math.isfinite(norm_type) or norm_type == math.inf)):
+            return f"norm_type {norm_type} has no fused kernel (only p > 0 and inf)"
+        for t in tensors:
+            if t.dtype not in _KERNEL_DTYPES:
+                return f"gradients of dtype {t.dtype} have no fused kernel"
+            if t.layout != torch.strided:
+                return f"gradients with layout {t.layout} have no fused kernel"
+        return None
+
+    def get_total_norm(self, tensors, norm_type, foreach):
+        return torch.ops.fastclip.total_norm(tensors, norm_type)
+
+    def clip_(self, grads, max_norm, norm_type, foreach):
+        return torch.ops.fastclip.clip_(grads, max_norm, norm_type)
+
+    def clip_grads_with_norm_(self, grads, max_norm, total_norm, foreach):
+        torch.ops.fastclip.scale_with_norm_(grads, max_norm, total_norm.to(grads[0].device))

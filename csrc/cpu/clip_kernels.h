@@ -1,0 +1,68 @@
+// fastclip's CPU kernels: the global norm of many tensors and their in-place scaling, in one pass
+// over a table of all gradients (every float dtype together), with torch's arithmetic.
+//
+// Torch-free: the kernels see raw pointers, element counts and dtype tags, and get their thread
+// pool as a callback, so they build and are unit-tested without torch (CMakeLists.txt) and are easy
+// to vendor. csrc/fastclip_ops.cpp binds them to torch.ops.fastclip.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+
+namespace fastclip::cpu {
+
+enum class DType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
+
+// kP covers every other finite p > 0; p = 0 and negative p are left to torch.
+enum class NormKind : int32_t { kL2, kL1, kInf, kP };
+
+struct TensorView {
+  void* data;  // numel contiguous elements of dtype
+  int64_t numel;
+  DType dtype;
+  // Scale in double rather than the dtype's own arithmetic (float for all but fp64). Torch does so
+  // for a 0-dim gradient with an fp64 coefficient: two 0-dim operands promote to fp64.
+  bool scale_in_double = false;
+};
+
+struct Norm {
+  NormKind kind;
+  double p;  // the exponent; used by kP only
+};
+
+// Runs body(begin, end) over [begin, end) in pieces of at least `grain`, possibly in parallel.
+using ParallelFor =
+    std::function<void(int64_t begin, int64_t end, int64_t grain, const std::function<void(int64_t, int64_t)>& body)>;
+
+// Elements per chunk: the unit of work, and the fixed order in which partial results are combined,
+// so results never depend on the number of threads.
+constexpr int64_t kChunkElements = 65536;
+
+// Per-tensor norms, each rounded to its tensor's dtype as torch's _foreach_norm returns it (values
+// stored as double). norms_out has `count` entries.
+void tensor_norms(const TensorView* tensors, int64_t count, Norm norm, const ParallelFor& parallel_for,
+                  double* norms_out);
+
+// The total norm: the norm of the per-tensor norms, rounded to `total_dtype` (the promotion of all
+// gradient dtypes, as torch.stack gives).
+double total_norm(const double* tensor_norms, int64_t count, Norm norm, DType total_dtype);
+
+// min(max_norm / (total + 1e-6), 1) with torch's roundings in `total_dtype`: reciprocal of
+// (total + 1e-6), times max_norm, clamped at 1 with NaN propagated.
+double clip_coefficient(double total, double max_norm, DType total_dtype);
+
+// Multiplies every element in place: g = G(math(g) * math(coefficient)) with math the dtype's
+// arithmetic (or double, see TensorView), as torch's _foreach_mul_ with a 0-dim coefficient tensor
+// does. Writes nothing when coefficient == 1.
+void scale(const TensorView* tensors, int64_t count, double coefficient, const ParallelFor& parallel_for);
+
+struct ClipResult {
+  double total_norm;
+  double coefficient;
+};
+
+// Norm, coefficient and scaling in one call; per-tensor norms go to norms_out if it is not null.
+ClipResult clip(const TensorView* tensors, int64_t count, Norm norm, DType total_dtype, double max_norm,
+                const ParallelFor& parallel_for, double* norms_out);
+
+}  // namespace fastclip::cpu
