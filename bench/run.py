@@ -67,16 +67,22 @@ def bench_workload(shapes, dtype, device, repeats):
     flat = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
     table = providers(device)
     restore = lambda: torch._foreach_copy_(grads, pristine)  # noqa: E731
-    # Correctness before timing: every provider's norm and clipped gradients against torch foreach.
+    # Correctness before timing, by the exactness contract (README): the norm within torch's own
+    # error of float64 or 2 fp32 ulp (E5; torch's fp32 CPU reduction is far off on big tensors, so
+    # agreement with torch is the wrong test), and the gradients bit-identical to torch's scaling by
+    # the returned norm (E3).
+    truth = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.double()) for g in pristine])))
     restore()
-    expected_norm = table["torch foreach"](params, CLIP)
-    expected = [g.clone() for g in grads]
+    torch_error = abs(float(table["torch foreach"](params, CLIP)) - truth)
+    expected = [g.clone() for g in pristine]
+    expected_params = parameters_for(expected)
     for name, fn in table.items():
         restore()
         norm = fn(params, CLIP)
-        assert torch.allclose(norm.double(), expected_norm.double(), rtol=1e-5), f"{name}: norm {norm} != {expected_norm}"
-        for g, e in zip(grads, expected):
-            assert torch.allclose(g.double(), e.double(), rtol=1e-5), f"{name}: clipped gradients differ"
+        assert abs(float(norm) - truth) <= max(torch_error, 2 * 2**-23 * truth), f"{name}: norm {float(norm)} vs float64 {truth}"
+        torch._foreach_copy_(expected, pristine)
+        torch.nn.utils.clip_grads_with_norm_(expected_params, CLIP, norm)
+        assert all(torch.equal(g, e) for g, e in zip(grads, expected)), f"{name}: clipped gradients differ from torch's"
     limits = {
         "one read": lambda: flat.sum(),
         "read + write": lambda: (flat.sum(), flat.mul_(1.0)),
