@@ -19,8 +19,12 @@ def extension_build():
 
     sources = ["csrc/fastclip_ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     # fp-contract=off: no fused multiply-adds, so every instruction-set variant of the kernels
-    # rounds exactly like torch's separate multiply and add.
-    extension = CppExtension("fastclip._C", sources, extra_compile_args={"cxx": ["-O3", "-ffp-contract=off"]})
+    # rounds exactly like torch's separate multiply and add. -fopenmp: at::parallel_for is an
+    # OpenMP pragma in an ATen header, which runs on one thread unless the extension is built with
+    # OpenMP; the library then shares torch's libgomp (same soname) and its thread count.
+    # -Wno-psabi: the SIMD vector types never cross a library boundary, so GCC's ABI note is moot.
+    cxx_flags = ["-O3", "-ffp-contract=off", "-fopenmp", "-Wno-psabi"]
+    extension = CppExtension("fastclip._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])
     return [extension], {"build_ext": BuildExtension}
 
 

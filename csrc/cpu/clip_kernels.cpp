@@ -6,57 +6,26 @@
 // the coefficient is not 1) scales the same chunks in place.
 #include "clip_kernels.h"
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
 #include "float_convert.h"
-
-// Hot loops are compiled for several instruction sets and the best one is chosen when the library
-// loads (GCC/Clang function multi-versioning), as ATen's CPU-capability dispatch does.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FASTCLIP_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FASTCLIP_SIMD_CLONES
-#endif
+#include "simd.h"
 
 namespace fastclip::cpu {
 namespace {
 
-// Element types: how a stored element is loaded into its arithmetic type (float, or double for
-// fp64, as torch's opmath) and stored back.
-struct F32 {
-  using Storage = float;
-  using Math = float;
-  static float load(float x) { return x; }
-  static float store(float v) { return v; }
-};
-struct F64 {
-  using Storage = double;
-  using Math = double;
-  static double load(double x) { return x; }
-  static double store(double v) { return v; }
-};
-struct F16 {
-  using Storage = uint16_t;
-  using Math = float;
-  static float load(uint16_t x) { return fp16_to_float(x); }
-  static uint16_t store(float v) { return float_to_fp16(v); }
-};
-struct BF16 {
-  using Storage = uint16_t;
-  using Math = float;
-  static float load(uint16_t x) { return bf16_to_float(x); }
-  static uint16_t store(float v) { return float_to_bf16(v); }
-};
+using simd::abs_value;
+using simd::f64x8;
+using simd::Isa;
+using simd::kLanes;
 
 // max that propagates NaN, like torch's inf norm: once the running value is NaN it stays NaN.
-template <typename T>
-inline T max_nan(T running, T x) {
-  return (x > running || x != x) ? x : running;
-}
+inline double max_nan(double running, double x) { return x > running || x != x ? x : running; }
 
-template <NormKind K, typename T>
-inline T accumulate(T acc, T x, T p) {
+template <NormKind K>
+inline double accumulate(double acc, double x, double p) {
   if constexpr (K == NormKind::kL2) return acc + x * x;
   if constexpr (K == NormKind::kL1) return acc + std::abs(x);
   if constexpr (K == NormKind::kInf) return max_nan(acc, std::abs(x));
@@ -64,82 +33,137 @@ inline T accumulate(T acc, T x, T p) {
 }
 
 template <NormKind K>
+inline f64x8 accumulate(f64x8 acc, f64x8 x, double p) {
+  if constexpr (K == NormKind::kL2) return acc + x * x;
+  if constexpr (K == NormKind::kL1) return acc + abs_value(x);
+  if constexpr (K == NormKind::kInf) return simd::max_magnitude(acc, x);
+  if constexpr (K == NormKind::kP) {  // no vector pow: lane by lane, in the same order
+    for (int l = 0; l < kLanes; ++l) acc[l] += std::pow(std::abs(x[l]), p);
+    return acc;
+  }
+}
+
+template <NormKind K>
 inline double combine(double a, double b) {
   return K == NormKind::kInf ? max_nan(a, b) : a + b;
 }
 
+// How far ahead of the loads the reduction prefetches. Without it a core streams from DRAM at
+// ~60% of its bandwidth: the conversions to double leave too few cache lines in flight.
+constexpr int64_t kPrefetchBytes = 4096;
+
 // Reduces n elements to a partial (a sum, or a max for kInf), in double whatever the dtype: torch's
 // CPU reductions accumulate fp32 in double too (ATen's CPU acc_type), and a memory-bound pass loses
-// nothing to the wider arithmetic. Sixteen independent lanes let the compiler vectorise without
-// reassociating; each lane sums blocks of 64 elements, and block sums are added with Neumaier
-// compensation, so the rounding error stays that of a 64-term sum however large the tensor.
-template <class E, NormKind K>
+// nothing to the wider arithmetic. Four vectors (32 lanes) accumulate independently, so the loop
+// is not bound by the latency of one addition; each lane sums blocks of 32 elements, and block sums
+// are added to the lane with Neumaier compensation, so the rounding error stays that of a short
+// sum however large the tensor. The last n % 32 elements are summed one by one.
+template <Isa I, class E, NormKind K>
 inline double reduce_span(const typename E::Storage* x, int64_t n, double p) {
-  constexpr int kLanes = 16;
-  constexpr int64_t kBlock = kLanes * 64;
-  double lanes[kLanes] = {};
-  double compensation[kLanes] = {};
+  constexpr int kVectors = 4;
+  constexpr int64_t kStep = kVectors * kLanes;
+  constexpr int64_t kBlock = 32 * kStep;
+  constexpr int64_t kLineElements = 64 / sizeof(*x);
+  f64x8 lanes[kVectors] = {};
+  f64x8 compensation[kVectors] = {};
   int64_t i = 0;
-  for (; i + kBlock <= n; i += kBlock) {
-    double block[kLanes] = {};
-    for (int64_t j = i; j < i + kBlock; j += kLanes)
-      for (int l = 0; l < kLanes; ++l) block[l] = accumulate<K>(block[l], static_cast<double>(E::load(x[j + l])), p);
-    for (int l = 0; l < kLanes; ++l) {
+  while (i + kStep <= n) {
+    const int64_t block_end = i + std::min(kBlock, (n - i) / kStep * kStep);
+    f64x8 block[kVectors] = {};
+    for (; i < block_end; i += kStep) {
+      for (int64_t line = 0; line < kStep; line += kLineElements)  // prefetches never fault
+        __builtin_prefetch(reinterpret_cast<const char*>(x + i + line) + kPrefetchBytes);
+      for (int v = 0; v < kVectors; ++v)
+        block[v] = accumulate<K>(block[v], simd::load8_as_double<I, E>(x + i + v * kLanes), p);
+    }
+    for (int v = 0; v < kVectors; ++v) {
       if constexpr (K == NormKind::kInf) {
-        lanes[l] = max_nan(lanes[l], block[l]);
+        lanes[v] = simd::max_magnitude(lanes[v], block[v]);
       } else {  // Neumaier: keep the low-order bits that the addition drops
-        const double sum = lanes[l] + block[l];
-        compensation[l] += std::abs(lanes[l]) >= std::abs(block[l]) ? (lanes[l] - sum) + block[l] : (block[l] - sum) + lanes[l];
-        lanes[l] = sum;
+        const f64x8 sum = lanes[v] + block[v];
+        compensation[v] += abs_value(lanes[v]) >= abs_value(block[v]) ? (lanes[v] - sum) + block[v]
+                                                                       : (block[v] - sum) + lanes[v];
+        lanes[v] = sum;
       }
     }
   }
   double result = 0.0;
   for (; i < n; ++i) result = accumulate<K>(result, static_cast<double>(E::load(x[i])), p);
-  for (int l = 0; l < kLanes; ++l) result = combine<K>(result, lanes[l] + compensation[l]);
+  for (int v = 0; v < kVectors; ++v)
+    for (int l = 0; l < kLanes; ++l) result = combine<K>(result, lanes[v][l] + compensation[v][l]);
   return result;
 }
 
-template <class E>
+template <Isa I, class E>
 inline double reduce_by_kind(const void* data, int64_t n, Norm norm) {
   const auto* x = static_cast<const typename E::Storage*>(data);
   switch (norm.kind) {
-    case NormKind::kL2: return reduce_span<E, NormKind::kL2>(x, n, norm.p);
-    case NormKind::kL1: return reduce_span<E, NormKind::kL1>(x, n, norm.p);
-    case NormKind::kInf: return reduce_span<E, NormKind::kInf>(x, n, norm.p);
-    case NormKind::kP: return reduce_span<E, NormKind::kP>(x, n, norm.p);
+    case NormKind::kL2: return reduce_span<I, E, NormKind::kL2>(x, n, norm.p);
+    case NormKind::kL1: return reduce_span<I, E, NormKind::kL1>(x, n, norm.p);
+    case NormKind::kInf: return reduce_span<I, E, NormKind::kInf>(x, n, norm.p);
+    case NormKind::kP: return reduce_span<I, E, NormKind::kP>(x, n, norm.p);
   }
   return 0.0;
 }
 
-FASTCLIP_SIMD_CLONES double reduce_f32(const void* x, int64_t n, Norm norm) { return reduce_by_kind<F32>(x, n, norm); }
-FASTCLIP_SIMD_CLONES double reduce_f64(const void* x, int64_t n, Norm norm) { return reduce_by_kind<F64>(x, n, norm); }
-FASTCLIP_SIMD_CLONES double reduce_f16(const void* x, int64_t n, Norm norm) { return reduce_by_kind<F16>(x, n, norm); }
-FASTCLIP_SIMD_CLONES double reduce_bf16(const void* x, int64_t n, Norm norm) { return reduce_by_kind<BF16>(x, n, norm); }
-
-double reduce(DType dtype, const void* x, int64_t n, Norm norm) {
+template <Isa I>
+inline double reduce_by_dtype(DType dtype, const void* x, int64_t n, Norm norm) {
   switch (dtype) {
-    case DType::kFloat32: return reduce_f32(x, n, norm);
-    case DType::kFloat64: return reduce_f64(x, n, norm);
-    case DType::kFloat16: return reduce_f16(x, n, norm);
-    case DType::kBFloat16: return reduce_bf16(x, n, norm);
+    case DType::kFloat32: return reduce_by_kind<I, simd::F32>(x, n, norm);
+    case DType::kFloat64: return reduce_by_kind<I, simd::F64>(x, n, norm);
+    case DType::kFloat16: return reduce_by_kind<I, simd::F16>(x, n, norm);
+    case DType::kBFloat16: return reduce_by_kind<I, simd::BF16>(x, n, norm);
   }
   return 0.0;
 }
 
-template <class E, typename Math>
+// x = E(math(x) * math(coefficient)), eight elements at a time. The coefficient is converted to the
+// arithmetic type first, as torch converts a 0-dim CPU tensor operand to opmath.
+template <Isa I, class E>
 inline void scale_span(void* data, int64_t n, double coefficient) {
   auto* x = static_cast<typename E::Storage*>(data);
-  // The coefficient is converted to the arithmetic type first, as torch converts a 0-dim CPU
-  // tensor operand to opmath.
-  const auto c = static_cast<Math>(coefficient);
-  for (int64_t i = 0; i < n; ++i) x[i] = E::store(static_cast<typename E::Math>(static_cast<Math>(E::load(x[i])) * c));
+  const auto c = static_cast<typename E::Math>(coefficient);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) E::template store8<I>(x + i, E::template load8<I>(x + i) * c);
+  for (; i < n; ++i) x[i] = E::store(E::load(x[i]) * c);
 }
 
-FASTCLIP_SIMD_CLONES void scale_f32(void* x, int64_t n, double c) { scale_span<F32, float>(x, n, c); }
-FASTCLIP_SIMD_CLONES void scale_f64(void* x, int64_t n, double c) { scale_span<F64, double>(x, n, c); }
-FASTCLIP_SIMD_CLONES void scale_f16(void* x, int64_t n, double c) { scale_span<F16, float>(x, n, c); }
-FASTCLIP_SIMD_CLONES void scale_bf16(void* x, int64_t n, double c) { scale_span<BF16, float>(x, n, c); }
+template <Isa I>
+inline void scale_by_dtype(DType dtype, void* x, int64_t n, double c) {
+  switch (dtype) {
+    case DType::kFloat32: return scale_span<I, simd::F32>(x, n, c);
+    case DType::kFloat64: return scale_span<I, simd::F64>(x, n, c);
+    case DType::kFloat16: return scale_span<I, simd::F16>(x, n, c);
+    case DType::kBFloat16: return scale_span<I, simd::BF16>(x, n, c);
+  }
+}
+
+// One compiled copy of the hot loops per instruction set.
+FASTCLIP_TARGET_GENERIC double reduce_generic(DType d, const void* x, int64_t n, Norm norm) { return reduce_by_dtype<Isa::kGeneric>(d, x, n, norm); }
+FASTCLIP_TARGET_GENERIC void scale_generic(DType d, void* x, int64_t n, double c) { scale_by_dtype<Isa::kGeneric>(d, x, n, c); }
+#if FASTCLIP_X86_VARIANTS
+FASTCLIP_TARGET_AVX2 double reduce_avx2(DType d, const void* x, int64_t n, Norm norm) { return reduce_by_dtype<Isa::kAvx2>(d, x, n, norm); }
+FASTCLIP_TARGET_AVX2 void scale_avx2(DType d, void* x, int64_t n, double c) { scale_by_dtype<Isa::kAvx2>(d, x, n, c); }
+FASTCLIP_TARGET_AVX512 double reduce_avx512(DType d, const void* x, int64_t n, Norm norm) { return reduce_by_dtype<Isa::kAvx512>(d, x, n, norm); }
+FASTCLIP_TARGET_AVX512 void scale_avx512(DType d, void* x, int64_t n, double c) { scale_by_dtype<Isa::kAvx512>(d, x, n, c); }
+#endif
+
+double reduce(DType dtype, const void* x, int64_t n, Norm norm) {
+  switch (simd::active_isa()) {
+#if FASTCLIP_X86_VARIANTS
+    case Isa::kAvx512: return reduce_avx512(dtype, x, n, norm);
+    case Isa::kAvx2: return reduce_avx2(dtype, x, n, norm);
+#endif
+    default: return reduce_generic(dtype, x, n, norm);
+  }
+}
+
+// The same in double arithmetic, for the 0-dim tensors that torch scales in double (TensorView).
+template <class E>
+inline void scale_span_in_double(void* data, int64_t n, double coefficient) {
+  auto* x = static_cast<typename E::Storage*>(data);
+  for (int64_t i = 0; i < n; ++i) x[i] = E::store(static_cast<typename E::Math>(static_cast<double>(E::load(x[i])) * coefficient));
+}
 
 size_t element_size(DType dtype) {
   return dtype == DType::kFloat64 ? 8 : dtype == DType::kFloat32 ? 4 : 2;
@@ -149,17 +173,18 @@ void scale_elements(const TensorView& t, int64_t begin, int64_t n, double c) {
   void* x = static_cast<char*>(t.data) + begin * static_cast<int64_t>(element_size(t.dtype));
   if (t.scale_in_double) {  // 0-dim tensors only: no need for a vectorised version
     switch (t.dtype) {
-      case DType::kFloat32: return scale_span<F32, double>(x, n, c);
-      case DType::kFloat16: return scale_span<F16, double>(x, n, c);
-      case DType::kBFloat16: return scale_span<BF16, double>(x, n, c);
+      case DType::kFloat32: return scale_span_in_double<simd::F32>(x, n, c);
+      case DType::kFloat16: return scale_span_in_double<simd::F16>(x, n, c);
+      case DType::kBFloat16: return scale_span_in_double<simd::BF16>(x, n, c);
       case DType::kFloat64: break;
     }
   }
-  switch (t.dtype) {
-    case DType::kFloat32: return scale_f32(x, n, c);
-    case DType::kFloat64: return scale_f64(x, n, c);
-    case DType::kFloat16: return scale_f16(x, n, c);
-    case DType::kBFloat16: return scale_bf16(x, n, c);
+  switch (simd::active_isa()) {
+#if FASTCLIP_X86_VARIANTS
+    case Isa::kAvx512: return scale_avx512(t.dtype, x, n, c);
+    case Isa::kAvx2: return scale_avx2(t.dtype, x, n, c);
+#endif
+    default: return scale_generic(t.dtype, x, n, c);
   }
 }
 
