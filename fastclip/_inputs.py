@@ -7,6 +7,7 @@ gradient is touched, and so that every backend receives the same normalised argu
 from __future__ import annotations
 
 import math
+import operator
 import types
 import warnings
 from collections.abc import Iterable
@@ -34,18 +35,23 @@ def as_tensor_list(tensors: TensorOrTensors, arg_name: str, *, warn_empty_genera
         raise TypeError(f"{arg_name} must be a Tensor or an iterable of Tensors, got {type(tensors).__name__}")
     is_generator = isinstance(tensors, types.GeneratorType)
     items = list(tensors)
-    for i, item in enumerate(items):
-        if not isinstance(item, torch.Tensor):
-            raise TypeError(f"{arg_name}[{i}] must be a Tensor, got {type(item).__name__}")
+    # One C-level pass over the types (a model has few), not an isinstance call per tensor: this
+    # runs on every training step, for every parameter.
+    if not all(issubclass(kind, torch.Tensor) for kind in set(map(type, items))):
+        i, item = next((i, item) for i, item in enumerate(items) if not isinstance(item, torch.Tensor))
+        raise TypeError(f"{arg_name}[{i}] must be a Tensor, got {type(item).__name__}")
     if warn_empty_generator and is_generator and not items:
         # Same text and category as torch; stacklevel points at the caller of the public function.
         warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=4)
     return items
 
 
+_grad_of = operator.attrgetter("grad")
+
+
 def grads_of(parameters: list[torch.Tensor]) -> list[torch.Tensor]:
     """The gradients of ``parameters``, skipping parameters whose ``.grad`` is None (as torch does)."""
-    return [p.grad for p in parameters if p.grad is not None]
+    return [g for g in map(_grad_of, parameters) if g is not None]
 
 
 def parse_norm_type(norm_type) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 
 import torch
 
@@ -13,6 +14,8 @@ from fastclip.backends.base import Backend
 # Dispatch key of the extension's kernels for each device type it can serve.
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 _KERNEL_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16, torch.float64})
+_dtype_of = operator.attrgetter("dtype")
+_layout_of = operator.attrgetter("layout")
 
 
 def _total_norm_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
@@ -57,11 +60,13 @@ class CppBackend(Backend):
     def unsupported_reason(self, tensors, norm_type):
         if norm_type is not None and not (norm_type > 0 and (math.isfinite(norm_type) or norm_type == math.inf)):
             return f"norm_type {norm_type} has no fused kernel (only p > 0 and inf)"
-        for t in tensors:
-            if t.dtype not in _KERNEL_DTYPES:
-                return f"gradients of dtype {t.dtype} have no fused kernel"
-            if t.layout != torch.strided:
-                return f"gradients with layout {t.layout} have no fused kernel"
+        # Sets built in C (map), not a Python loop: this runs on every step for every gradient.
+        unsupported_dtypes = set(map(_dtype_of, tensors)) - _KERNEL_DTYPES
+        if unsupported_dtypes:
+            return f"gradients of dtype {sorted(map(str, unsupported_dtypes))[0]} have no fused kernel"
+        unsupported_layouts = set(map(_layout_of, tensors)) - {torch.strided}
+        if unsupported_layouts:
+            return f"gradients with layout {sorted(map(str, unsupported_layouts))[0]} have no fused kernel"
         return None
 
     def get_total_norm(self, tensors, norm_type, foreach):
