@@ -10,34 +10,10 @@
 #include <vector>
 
 #include "cpu/clip_kernels.h"
+#include "op_helpers.h"
 
 namespace fastclip {
 namespace {
-
-cpu::DType kernel_dtype(at::ScalarType type) {
-  switch (type) {
-    case at::kFloat: return cpu::DType::kFloat32;
-    case at::kDouble: return cpu::DType::kFloat64;
-    case at::kHalf: return cpu::DType::kFloat16;
-    case at::kBFloat16: return cpu::DType::kBFloat16;
-    default: TORCH_CHECK(false, "fastclip: gradients of dtype ", type, " have no fused kernel (float32, float16, bfloat16, float64 only)");
-  }
-}
-
-cpu::Norm kernel_norm(double p) {
-  if (p == 2.0) return {cpu::NormKind::kL2, p};
-  if (p == 1.0) return {cpu::NormKind::kL1, p};
-  if (std::isinf(p) && p > 0) return {cpu::NormKind::kInf, p};
-  TORCH_CHECK(p > 0 && std::isfinite(p), "fastclip: norm_type ", p, " has no fused kernel (only p > 0 and inf)");
-  return {cpu::NormKind::kP, p};
-}
-
-// torch.stack of the per-tensor norms promotes their dtypes: that is the total norm's dtype.
-at::ScalarType total_norm_type(at::TensorList tensors) {
-  at::ScalarType type = tensors[0].scalar_type();
-  for (const at::Tensor& t : tensors) type = at::promote_types(type, t.scalar_type());
-  return type;
-}
 
 // The kernels' view of a list of tensors. A non-overlapping, dense tensor (contiguous, transposed,
 // channels-last) is used in place as one flat span; any other layout is copied to a contiguous
@@ -75,17 +51,9 @@ const cpu::ParallelFor& aten_parallel_for() {
   return parallel_for;
 }
 
-void check_inf_norm_of_empty(at::TensorList tensors, cpu::Norm norm) {
-  if (norm.kind != cpu::NormKind::kInf) return;
-  for (const at::Tensor& t : tensors)
-    TORCH_CHECK(t.numel() > 0,
-                "_foreach_norm cannot compute the infinity norm on an empty tensor because the operation does not "
-                "have an identity");
-}
-
 at::Tensor total_norm_cpu(at::TensorList tensors, double norm_type) {
   TORCH_CHECK(!tensors.empty(), "fastclip: total_norm needs at least one tensor");
-  const cpu::Norm norm = kernel_norm(norm_type);
+  const Norm norm = kernel_norm(norm_type);
   check_inf_norm_of_empty(tensors, norm);
   const at::ScalarType total_type = total_norm_type(tensors);
   KernelTensors kernel_tensors(tensors, total_type);
@@ -97,7 +65,7 @@ at::Tensor total_norm_cpu(at::TensorList tensors, double norm_type) {
 
 at::Tensor clip_cpu(at::TensorList grads, double max_norm, double norm_type) {
   TORCH_CHECK(!grads.empty(), "fastclip: clip_ needs at least one gradient");
-  const cpu::Norm norm = kernel_norm(norm_type);
+  const Norm norm = kernel_norm(norm_type);
   check_inf_norm_of_empty(grads, norm);
   const at::ScalarType total_type = total_norm_type(grads);
   KernelTensors kernel_tensors(grads, total_type);

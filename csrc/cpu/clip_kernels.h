@@ -9,12 +9,9 @@
 #include <cstdint>
 #include <functional>
 
+#include "../common/clip_types.h"
+
 namespace fastclip::cpu {
-
-enum class DType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
-
-// kP covers every other finite p > 0; p = 0 and negative p are left to torch.
-enum class NormKind : int32_t { kL2, kL1, kInf, kP };
 
 struct TensorView {
   void* data;  // numel contiguous elements of dtype
@@ -23,11 +20,6 @@ struct TensorView {
   // Scale in double rather than the dtype's own arithmetic (float for all but fp64). Torch does so
   // for a 0-dim gradient with an fp64 coefficient: two 0-dim operands promote to fp64.
   bool scale_in_double = false;
-};
-
-struct Norm {
-  NormKind kind;
-  double p;  // the exponent; used by kP only
 };
 
 // Runs body(begin, end) over [begin, end) in pieces of at least `grain`, possibly in parallel.

@@ -1,0 +1,189 @@
+// Binds the CUDA kernels (cuda/clip_kernels.cu, torch-free) to torch.ops.fastclip.* for CUDA
+// tensors. Built only when torch has CUDA and nvcc is found (setup.py).
+//
+// The kernels read the gradients from a device-resident table. Building and uploading it costs a
+// host loop and a copy, so tables are cached, keyed by the gradients' (pointer, size, dtype, scale
+// mode) and device: a training loop whose gradients keep their storage (the usual case, and a
+// requirement of CUDA graphs anyway) pays for it once. A table used while a stream is being
+// captured is never evicted, so the captured graph stays valid for as long as the process lives.
+// Nothing here waits for the GPU: no .item(), no synchronising copies.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <deque>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "cuda/clip_kernels.h"
+#include "op_helpers.h"
+
+namespace fastclip {
+namespace {
+
+constexpr size_t kMaxCachedTables = 64;
+
+struct CachedTable {
+  at::Tensor host;                // pinned; kept alive because a captured graph may copy from it again
+  at::Tensor device;              // the table the kernels read
+  at::Tensor arrival_counter;     // zero between calls; see cuda::Scratch
+  cuda::TableLayout layout;
+  bool used_in_capture = false;   // never evicted then
+};
+
+class TableCache {
+ public:
+  CachedTable& get(const std::vector<cuda::GradEntry>& grads, const at::Device& device, bool capturing) {
+    std::string key(reinterpret_cast<const char*>(grads.data()), grads.size() * sizeof(cuda::GradEntry));
+    key.append(reinterpret_cast<const char*>(&device), sizeof device);
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto found = tables_.find(key);
+    if (found == tables_.end()) {
+      evict_if_full();
+      found = tables_.emplace(key, build(grads, device)).first;
+      order_.push_back(key);
+    }
+    found->second.used_in_capture |= capturing;
+    return found->second;
+  }
+
+ private:
+  static CachedTable build(const std::vector<cuda::GradEntry>& grads, const at::Device& device) {
+    CachedTable table;
+    table.layout = cuda::table_layout(grads.data(), static_cast<int64_t>(grads.size()));
+    const auto bytes = static_cast<int64_t>(table.layout.bytes);
+    table.host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+    cuda::fill_table(grads.data(), table.layout, table.host.data_ptr());
+    table.device = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).device(device));
+    table.device.copy_(table.host, /*non_blocking=*/true);  // stream-ordered, no host wait
+    table.arrival_counter = at::zeros({1}, at::TensorOptions().dtype(at::kInt).device(device));
+    return table;
+  }
+
+  void evict_if_full() {
+    for (auto it = order_.begin(); tables_.size() >= kMaxCachedTables && it != order_.end();) {
+      auto table = tables_.find(*it);
+      if (table->second.used_in_capture) {
+        ++it;
+      } else {
+        tables_.erase(table);
+        it = order_.erase(it);
+      }
+    }
+  }
+
+  std::mutex mutex_;
+  std::unordered_map<std::string, CachedTable> tables_;
+  std::deque<std::string> order_;  // insertion order, oldest first
+};
+
+TableCache& table_cache() {
+  static TableCache cache;
+  return cache;
+}
+
+// The kernels' view of a list of CUDA tensors, as KernelTensors in fastclip_ops.cpp: dense tensors
+// in place, others through contiguous copies written back after scaling.
+struct CudaKernelTensors {
+  std::vector<cuda::GradEntry> grads;
+  std::vector<std::pair<at::Tensor, at::Tensor>> copies;  // (original, contiguous copy)
+
+  CudaKernelTensors(at::TensorList tensors, at::ScalarType coefficient_type) {
+    const at::Device device = tensors[0].device();
+    grads.reserve(tensors.size());
+    for (const at::Tensor& t : tensors) {
+      TORCH_CHECK(t.device() == device, "fastclip: expected every tensor on ", device, ", got one on ", t.device());
+      TORCH_CHECK(t.layout() == at::kStrided, "fastclip: sparse gradients have no fused kernel");
+      at::Tensor dense = t;
+      if (!t.is_non_overlapping_and_dense()) {
+        dense = t.contiguous();
+        copies.emplace_back(t, dense);
+      }
+      const auto mode = t.dim() == 0 && t.scalar_type() != coefficient_type ? cuda::ScaleMode::kPromoted
+                                                                             : cuda::ScaleMode::kCoefficientInGradType;
+      grads.push_back({dense.data_ptr(), dense.numel(), kernel_dtype(t.scalar_type()), mode});
+    }
+  }
+
+  void write_back() {
+    for (auto& [original, copy] : copies) original.copy_(copy);
+  }
+};
+
+bool is_capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
+  return status != cudaStreamCaptureStatusNone;
+}
+
+// Runs the kernels: norm (into a new 0-dim tensor of total_type, returned) and/or scale.
+at::Tensor run(at::TensorList tensors, const Norm& norm, at::ScalarType total_type, double max_norm, bool compute_norm,
+               bool scale, const at::Tensor* given_total) {
+  const at::Device device = tensors[0].device();
+  TORCH_CHECK(device.is_cuda(), "fastclip: expected CUDA tensors, got one on ", device);
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  const at::ScalarType coefficient_type = given_total != nullptr ? given_total->scalar_type() : total_type;
+  CudaKernelTensors kernel_tensors(tensors, coefficient_type);
+  CachedTable& table = table_cache().get(kernel_tensors.grads, device, is_capturing(stream));
+
+  const int64_t scratch_size = table.layout.num_chunks + table.layout.num_tensors + 1;
+  at::Tensor scratch = at::empty({scratch_size}, at::TensorOptions().dtype(at::kDouble).device(device));
+  at::Tensor total = at::empty({}, at::TensorOptions().dtype(total_type).device(device));
+  double* base = scratch.data_ptr<double>();
+
+  cuda::ClipArgs args{};
+  args.table = table.device.data_ptr();
+  args.layout = table.layout;
+  args.norm = norm;
+  args.total_dtype = kernel_dtype(total_type);
+  args.max_norm = max_norm;
+  args.compute_norm = compute_norm;
+  args.scale = scale;
+  args.total_out = total.data_ptr();
+  args.given_total = given_total != nullptr ? given_total->data_ptr() : nullptr;
+  args.given_total_dtype = given_total != nullptr ? kernel_dtype(given_total->scalar_type()) : args.total_dtype;
+  args.scratch = {base, base + table.layout.num_chunks, base + table.layout.num_chunks + table.layout.num_tensors,
+                  reinterpret_cast<unsigned int*>(table.arrival_counter.data_ptr<int32_t>())};
+  C10_CUDA_CHECK(cuda::launch(args, stream));
+  // Always written back: whether the kernel scaled is known only on the device, and the host must
+  // not ask. Only non-dense gradients have copies; they are rare.
+  if (scale) kernel_tensors.write_back();
+  return total;
+}
+
+at::Tensor total_norm_cuda(at::TensorList tensors, double norm_type) {
+  TORCH_CHECK(!tensors.empty(), "fastclip: total_norm needs at least one tensor");
+  const Norm norm = kernel_norm(norm_type);
+  check_inf_norm_of_empty(tensors, norm);
+  return run(tensors, norm, total_norm_type(tensors), 0.0, /*compute_norm=*/true, /*scale=*/false, nullptr);
+}
+
+at::Tensor clip_cuda(at::TensorList grads, double max_norm, double norm_type) {
+  TORCH_CHECK(!grads.empty(), "fastclip: clip_ needs at least one gradient");
+  const Norm norm = kernel_norm(norm_type);
+  check_inf_norm_of_empty(grads, norm);
+  return run(grads, norm, total_norm_type(grads), max_norm, /*compute_norm=*/true, /*scale=*/true, nullptr);
+}
+
+void scale_with_norm_cuda(at::TensorList grads, double max_norm, const at::Tensor& total_norm) {
+  TORCH_CHECK(!grads.empty(), "fastclip: scale_with_norm_ needs at least one gradient");
+  TORCH_CHECK(total_norm.numel() == 1, "fastclip: total_norm must have one element");
+  TORCH_CHECK(total_norm.device() == grads[0].device(), "fastclip: total_norm must be on the gradients' device");
+  const at::Tensor total = total_norm.reshape({});
+  run(grads, Norm{NormKind::kL2, 2.0}, total.scalar_type(), max_norm, /*compute_norm=*/false, /*scale=*/true, &total);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastclip, CUDA, m) {
+  m.impl("total_norm", &total_norm_cuda);
+  m.impl("clip_", &clip_cuda);
+  m.impl("scale_with_norm_", &scale_with_norm_cuda);
+}
+
+}  // namespace fastclip
