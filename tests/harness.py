@@ -97,14 +97,19 @@ def _strided_grad(spec: GradSpec, generator: torch.Generator) -> tuple[torch.Ten
     raise ValueError(f"unknown layout {spec.layout!r}")
 
 
-def build(specs: list[GradSpec], seed: int = 0) -> tuple[list[torch.nn.Parameter], list[torch.Tensor]]:
-    """Parameters with gradients as described, and the buffers that own the gradients' memory."""
+def build(specs: list[GradSpec], seed: int = 0, device: str = "cpu") -> tuple[list[torch.nn.Parameter], list[torch.Tensor]]:
+    """Parameters on ``device`` with gradients as described, and the buffers that own the gradients'
+    memory. Values are drawn on the CPU, so every device gets the same ones."""
     generator = torch.Generator().manual_seed(seed)
     params, buffers = [], []
     for spec in specs:
-        param = torch.nn.Parameter(torch.zeros(spec.shape, dtype=spec.dtype))
+        param = torch.nn.Parameter(torch.zeros(spec.shape, dtype=spec.dtype, device=device))
         if spec.values != "none":
-            param.grad, buffer = _strided_grad(spec, generator)
+            grad, buffer = _strided_grad(spec, generator)
+            if device != "cpu":  # same layout on the device: the buffer moved, the view rebuilt
+                buffer = buffer.to(device)
+                grad = buffer.as_strided(grad.shape, grad.stride(), grad.storage_offset())
+            param.grad = grad
             buffers.append(buffer)
         params.append(param)
     return params, buffers
@@ -218,16 +223,17 @@ def check_clip(
     error_if_nonfinite: bool = False,
     foreach: bool | None = None,
     as_generator: bool = False,
+    device: str = "cpu",
 ) -> torch.Tensor:
     """Run ``torch.nn.utils.clip_grad_norm_`` and ``fastclip.clip_(backend=backend)`` on identical
-    copies and assert the applicable clauses. Returns fastclip's norm.
+    copies (on ``device``) and assert the applicable clauses. Returns fastclip's norm.
 
     If torch raises (``error_if_nonfinite`` with a NaN/Inf norm), fastclip must raise the same
     exception type, and leave every gradient buffer bit-identical to before.
     """
-    ref_params, ref_buffers = build(specs, seed)
-    params, buffers = build(specs, seed)
-    pristine_params, pristine_buffers = build(specs, seed)
+    ref_params, ref_buffers = build(specs, seed, device)
+    params, buffers = build(specs, seed, device)
+    pristine_params, pristine_buffers = build(specs, seed, device)
     for p in (ref_params, params, pristine_params):
         poison(p, list(special_values))
     values_exact = all(s.values in ("dyadic", "none") for s in specs) and not special_values
@@ -267,7 +273,7 @@ def check_clip(
         return norm
 
     # E3: the gradients are exactly torch's scaling by the norm fastclip returned.
-    e3_params, e3_buffers = build(specs, seed)
+    e3_params, e3_buffers = build(specs, seed, device)
     poison(e3_params, list(special_values))
     torch.nn.utils.clip_grads_with_norm_(e3_params, max_norm, norm, foreach)
     for i, (buffer, e3_buffer) in enumerate(zip(buffers, e3_buffers)):

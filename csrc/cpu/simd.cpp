@@ -36,9 +36,18 @@ const char* isa_name(Isa isa) {
   return "generic";
 }
 
-Isa active_isa() {
-  static const Isa isa = requested_isa(best_supported_isa());
+namespace {
+Isa& active_isa_storage() {
+  static Isa isa = requested_isa(best_supported_isa());
   return isa;
+}
+}  // namespace
+
+Isa active_isa() { return active_isa_storage(); }
+
+Isa set_active_isa_for_testing(Isa isa) {
+  const Isa best = best_supported_isa();
+  return active_isa_storage() = isa <= best ? isa : best;
 }
 
 }  // namespace fastclip::cpu::simd

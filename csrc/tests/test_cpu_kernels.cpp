@@ -1,0 +1,230 @@
+// Unit tests of the torch-free CPU kernels (csrc/cpu), built and run by CMake/ctest without torch.
+// The Python suite (tests/) checks the same kernels against torch through the bindings; these
+// check what is hard to reach from there: every instruction-set variant in one process, thread-count
+// independence, the 16-bit conversions exhaustively, and accuracy on large inputs.
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <algorithm>
+#include <functional>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "../cpu/clip_kernels.h"
+#include "../cpu/float_convert.h"
+#include "../cpu/simd.h"
+
+using namespace fastclip;
+using namespace fastclip::cpu;
+using fastclip::cpu::simd::Isa;
+
+namespace {
+
+int failures = 0;
+
+#define CHECK(condition, ...)                                          \
+  do {                                                                 \
+    if (!(condition)) {                                                \
+      ++failures;                                                      \
+      std::printf("FAILED %s:%d: %s: ", __FILE__, __LINE__, #condition); \
+      std::printf(__VA_ARGS__);                                        \
+      std::printf("\n");                                               \
+    }                                                                  \
+  } while (0)
+
+// Splits [begin, end) into `threads` contiguous pieces run on their own std::threads.
+ParallelFor threads_parallel_for(int threads) {
+  return [threads](int64_t begin, int64_t end, int64_t, const std::function<void(int64_t, int64_t)>& body) {
+    std::vector<std::thread> pool;
+    const int64_t step = (end - begin + threads - 1) / threads;
+    for (int64_t b = begin; b < end; b += step) pool.emplace_back(body, b, std::min(end, b + step));
+    for (auto& t : pool) t.join();
+  };
+}
+
+const ParallelFor serial = threads_parallel_for(1);
+
+uint64_t bits_of(double v) {
+  uint64_t b;
+  std::memcpy(&b, &v, sizeof b);
+  return b;
+}
+
+double norm_of(const TensorView* views, int64_t count, Norm norm, DType total, const ParallelFor& pf = serial) {
+  std::vector<double> norms(count);
+  tensor_norms(views, count, norm, pf, norms.data());
+  return total_norm(norms.data(), count, norm, total);
+}
+
+// Dyadic values whose sum of squares is exact: the L2 norm must be exact in every variant.
+void test_exact_l2_every_dtype_and_variant() {
+  for (Isa isa : {simd::Isa::kGeneric, simd::Isa::kAvx2, simd::Isa::kAvx512}) {
+    const Isa active = simd::set_active_isa_for_testing(isa);
+    std::vector<float> f32(1000, 0.0f);
+    f32[0] = 3.0f, f32[999] = 4.0f;  // 5, with the 4 in the scalar tail
+    std::vector<double> f64(70001, 0.0);
+    f64[65536] = 12.0, f64[3] = 5.0;  // 13, across two chunks
+    std::vector<uint16_t> bf16(4096, float_to_bf16(0.0f)), f16(33, float_to_fp16(0.0f));
+    bf16[100] = float_to_bf16(6.0f), bf16[4000] = float_to_bf16(8.0f);  // 10
+    f16[32] = float_to_fp16(-7.0f);                                       // 7
+    TensorView views[] = {{f32.data(), 1000, DType::kFloat32},
+                          {f64.data(), 70001, DType::kFloat64},
+                          {bf16.data(), 4096, DType::kBFloat16},
+                          {f16.data(), 33, DType::kFloat16}};
+    std::vector<double> norms(4);
+    tensor_norms(views, 4, {NormKind::kL2, 2.0}, serial, norms.data());
+    CHECK(norms[0] == 5.0 && norms[1] == 13.0 && norms[2] == 10.0 && norms[3] == 7.0, "variant %s: %g %g %g %g",
+          simd::isa_name(active), norms[0], norms[1], norms[2], norms[3]);
+    tensor_norms(views, 4, {NormKind::kInf, INFINITY}, serial, norms.data());
+    CHECK(norms[0] == 4.0 && norms[1] == 12.0 && norms[2] == 8.0 && norms[3] == 7.0, "inf, variant %s",
+          simd::isa_name(active));
+    tensor_norms(views, 4, {NormKind::kL1, 1.0}, serial, norms.data());
+    CHECK(norms[0] == 7.0 && norms[1] == 17.0 && norms[2] == 14.0 && norms[3] == 7.0, "L1, variant %s",
+          simd::isa_name(active));
+  }
+  simd::set_active_isa_for_testing(simd::Isa::kAvx512);
+}
+
+// Random data: every variant and every thread count gives the same bits.
+void test_variants_and_thread_counts_agree_bitwise() {
+  std::mt19937 rng(1);
+  std::normal_distribution<float> normal;
+  std::vector<float> f32(300001);
+  std::vector<uint16_t> bf16(131075), f16(99999);
+  std::vector<double> f64(65537);
+  for (auto& v : f32) v = normal(rng);
+  for (auto& v : bf16) v = float_to_bf16(normal(rng));
+  for (auto& v : f16) v = float_to_fp16(normal(rng));
+  for (auto& v : f64) v = normal(rng);
+  TensorView views[] = {{f32.data(), (int64_t)f32.size(), DType::kFloat32},
+                        {bf16.data(), (int64_t)bf16.size(), DType::kBFloat16},
+                        {f16.data(), (int64_t)f16.size(), DType::kFloat16},
+                        {f64.data(), (int64_t)f64.size(), DType::kFloat64}};
+  for (Norm norm : {Norm{NormKind::kL2, 2.0}, Norm{NormKind::kL1, 1.0}, Norm{NormKind::kInf, INFINITY}, Norm{NormKind::kP, 3.0}}) {
+    simd::set_active_isa_for_testing(simd::Isa::kGeneric);
+    const double reference = norm_of(views, 4, norm, DType::kFloat64);
+    for (Isa isa : {simd::Isa::kGeneric, simd::Isa::kAvx2, simd::Isa::kAvx512}) {
+      const Isa active = simd::set_active_isa_for_testing(isa);
+      for (int threads : {1, 2, 3, 8}) {
+        const double got = norm_of(views, 4, norm, DType::kFloat64, threads_parallel_for(threads));
+        CHECK(bits_of(got) == bits_of(reference), "norm kind %d, variant %s, %d threads: %.17g vs %.17g",
+              (int)norm.kind, simd::isa_name(active), threads, got, reference);
+      }
+    }
+  }
+  simd::set_active_isa_for_testing(simd::Isa::kAvx512);
+}
+
+// A large fp32 tensor: the compensated double accumulation stays within 2 ulp of float64's answer
+// computed in long double (torch's own fp32 CPU sum is off by ~0.3% at this size).
+void test_large_tensor_accuracy() {
+  const int64_t n = int64_t{1} << 25;
+  std::vector<float> x(n);
+  std::mt19937 rng(2);
+  std::uniform_real_distribution<float> uniform(0.0f, 1.0f);
+  long double exact = 0;
+  for (auto& v : x) {
+    v = uniform(rng);
+    exact += static_cast<long double>(v) * v;
+  }
+  const TensorView view{x.data(), n, DType::kFloat32};
+  const double got = norm_of(&view, 1, {NormKind::kL2, 2.0}, DType::kFloat32, threads_parallel_for(2));
+  const double truth = static_cast<double>(std::sqrt(exact));
+  CHECK(std::abs(got - truth) <= 2 * std::ldexp(truth, -23), "%.9g vs %.9g", got, truth);
+}
+
+// NaN anywhere makes the inf norm NaN, as torch's; an infinity makes it inf.
+void test_inf_norm_propagates_nan() {
+  for (Isa isa : {simd::Isa::kGeneric, simd::Isa::kAvx2, simd::Isa::kAvx512}) {
+    simd::set_active_isa_for_testing(isa);
+    std::vector<float> x(5000, 1.0f);
+    x[4096] = NAN;
+    x[17] = INFINITY;
+    const TensorView view{x.data(), 5000, DType::kFloat32};
+    CHECK(std::isnan(norm_of(&view, 1, {NormKind::kInf, INFINITY}, DType::kFloat32)), "NaN lost");
+    x[4096] = -NAN;
+    CHECK(std::isnan(norm_of(&view, 1, {NormKind::kInf, INFINITY}, DType::kFloat32)), "negative NaN lost");
+    x[4096] = 1.0f;
+    CHECK(norm_of(&view, 1, {NormKind::kInf, INFINITY}, DType::kFloat32) == INFINITY, "inf lost");
+  }
+  simd::set_active_isa_for_testing(simd::Isa::kAvx512);
+}
+
+// Every fp16 and bf16 value survives float and back (NaNs become c10's canonical NaN), and the
+// vector conversions of every variant give the scalar conversions' bits.
+void test_16_bit_conversions_exhaustive() {
+  std::vector<uint16_t> all(65536), scaled_scalar(65536);
+  for (int i = 0; i < 65536; ++i) all[i] = static_cast<uint16_t>(i);
+  int fp16_errors = 0, bf16_errors = 0;
+  for (int i = 0; i < 65536; ++i) {
+    const uint16_t h = all[i];
+    const float f = fp16_to_float(h);
+    const uint16_t expected = std::isnan(f) ? static_cast<uint16_t>((h & 0x8000) | 0x7E00) : h;
+    fp16_errors += float_to_fp16(f) != expected;
+    const float b = bf16_to_float(h);
+    bf16_errors += float_to_bf16(b) != (std::isnan(b) ? 0x7FC0 : h);
+  }
+  CHECK(fp16_errors == 0, "%d fp16 values do not round-trip", fp16_errors);
+  CHECK(bf16_errors == 0, "%d bf16 values do not round-trip", bf16_errors);
+  // Ties round to even: 1 + 2^-11 is halfway between fp16 1 and 1 + 2^-10.
+  CHECK(float_to_fp16(1.0f + std::ldexp(1.0f, -11)) == 0x3C00, "fp16 tie");
+  CHECK(float_to_bf16(1.0f + std::ldexp(1.0f, -8)) == 0x3F80, "bf16 tie");
+  const float coefficient = 0.3f;
+  for (DType dtype : {DType::kFloat16, DType::kBFloat16}) {
+    for (int i = 0; i < 65536; ++i) {
+      const float f = dtype == DType::kFloat16 ? fp16_to_float(all[i]) : bf16_to_float(all[i]);
+      scaled_scalar[i] = dtype == DType::kFloat16 ? float_to_fp16(f * coefficient) : float_to_bf16(f * coefficient);
+    }
+    for (Isa isa : {simd::Isa::kGeneric, simd::Isa::kAvx2, simd::Isa::kAvx512}) {
+      const Isa active = simd::set_active_isa_for_testing(isa);
+      std::vector<uint16_t> x = all;
+      const TensorView view{x.data(), 65536, dtype};
+      scale(&view, 1, coefficient, serial);
+      int mismatches = 0;
+      for (int i = 0; i < 65536; ++i) mismatches += x[i] != scaled_scalar[i];
+      CHECK(mismatches == 0, "dtype %d variant %s: %d scaled values differ from the scalar path", (int)dtype,
+            simd::isa_name(active), mismatches);
+    }
+  }
+  simd::set_active_isa_for_testing(simd::Isa::kAvx512);
+}
+
+// A coefficient of 1 writes nothing: a signalling NaN (which a multiply would quiet) keeps its bits.
+void test_coefficient_one_writes_nothing() {
+  const uint32_t signalling_nan = 0x7F800001u;
+  std::vector<float> x(100, 2.0f);
+  std::memcpy(&x[50], &signalling_nan, 4);
+  const TensorView view{x.data(), 100, DType::kFloat32};
+  scale(&view, 1, 1.0, serial);
+  uint32_t bits;
+  std::memcpy(&bits, &x[50], 4);
+  CHECK(bits == signalling_nan && x[0] == 2.0f, "the tensor was rewritten");
+}
+
+// torch's coefficient: reciprocal(total + 1e-6) * max_norm, each step rounded, clamped at 1.
+void test_clip_coefficient_roundings() {
+  const float total = 3.7f, max_norm = 1.3f;
+  const float expected = (1.0f / (total + static_cast<float>(1e-6))) * max_norm;
+  CHECK(clip_coefficient(total, max_norm, DType::kFloat32) == expected, "fp32 coefficient");
+  CHECK(clip_coefficient(0.5, 1.0, DType::kFloat32) == 1.0, "clamped at 1");
+  CHECK(std::isnan(clip_coefficient(NAN, 1.0, DType::kFloat32)), "NaN must propagate through the clamp");
+  CHECK(clip_coefficient(3.0, 1.0, DType::kFloat64) == (1.0 / (3.0 + 1e-6)) * 1.0, "fp64 coefficient");
+}
+
+}  // namespace
+
+int main() {
+  test_exact_l2_every_dtype_and_variant();
+  test_variants_and_thread_counts_agree_bitwise();
+  test_large_tensor_accuracy();
+  test_inf_norm_propagates_nan();
+  test_16_bit_conversions_exhaustive();
+  test_coefficient_one_writes_nothing();
+  test_clip_coefficient_roundings();
+  std::printf("%s (best variant on this CPU: %s)\n", failures == 0 ? "all CPU kernel tests passed" : "FAILURES",
+              simd::isa_name(simd::set_active_isa_for_testing(simd::Isa::kAvx512)));
+  return failures == 0 ? 0 : 1;
+}

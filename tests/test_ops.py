@@ -1,0 +1,44 @@
+"""The registered operators themselves (torch.ops.fastclip.*): torch.library.opcheck verifies that
+their schemas tell the truth about mutation, that the fake (meta) kernels agree with the real ones,
+and that they trace through AOT autograd with dynamic shapes, on every device with kernels here."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastclip  # noqa: F401  (loads the extension)
+from conftest import require_backend
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def _tensors(device: str) -> list[torch.Tensor]:
+    return [
+        torch.randn(5, 3, device=device),
+        torch.randn(70_000, dtype=torch.bfloat16, device=device),
+        torch.randn((), dtype=torch.float64, device=device),
+        torch.randn(4, 6, device=device).t(),
+    ]
+
+
+def _cases(device: str):
+    tensors = _tensors(device)
+    norm = torch.tensor(3.0, device=device)
+    return [
+        (torch.ops.fastclip.total_norm.default, (tensors, 2.0)),
+        (torch.ops.fastclip.total_norm.default, (tensors, float("inf"))),
+        (torch.ops.fastclip.clip_.default, (tensors, 0.1, 2.0)),
+        (torch.ops.fastclip.clip_.default, (tensors, 1e9, 1.0)),
+        (torch.ops.fastclip.scale_with_norm_.default, (tensors, 0.1, norm)),
+    ]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", range(5))
+def test_opcheck(device, case):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device visible")
+    require_backend("cpp", device)  # also registers the fake kernels
+    op, args = _cases(device)[case]
+    torch.library.opcheck(op, args)
