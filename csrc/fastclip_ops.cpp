@@ -4,8 +4,12 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <Python.h>
+#include <torch/csrc/Device.h>
+#include <torch/csrc/DynamicTypes.h>
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -100,9 +104,55 @@ TORCH_LIBRARY_IMPL(fastclip, CPU, m) {
 
 }  // namespace fastclip
 
-// Importing fastclip._C from Python loads this library, which registers the operators above; the
-// module itself is empty (no pybind11 needed).
+namespace {
+
+// fastclip._C.summarize(tensors: list) -> (devices, dtypes, layouts) | None
+//
+// The distinct devices, dtypes and layouts of a list of plain tensors, as three Python sets: what
+// backend selection asks on every step about every gradient, in one C++ pass (a few ns per tensor
+// instead of ~300 ns of Python attribute lookups). None for anything but a list of exact
+// torch.Tensor/Parameter objects (subclasses may answer differently), and the caller then asks
+// in Python.
+PyObject* summarize(PyObject* /*module*/, PyObject* tensors) {
+  if (!PyList_Check(tensors)) Py_RETURN_NONE;
+  std::vector<at::Device> devices;
+  std::vector<at::ScalarType> dtypes;
+  std::vector<at::Layout> layouts;
+  const Py_ssize_t size = PyList_GET_SIZE(tensors);
+  for (Py_ssize_t i = 0; i < size; ++i) {
+    PyObject* item = PyList_GET_ITEM(tensors, i);
+    if (!THPVariable_CheckExact(item)) Py_RETURN_NONE;
+    const at::Tensor& t = THPVariable_Unpack(item);
+    if (std::find(devices.begin(), devices.end(), t.device()) == devices.end()) devices.push_back(t.device());
+    if (std::find(dtypes.begin(), dtypes.end(), t.scalar_type()) == dtypes.end()) dtypes.push_back(t.scalar_type());
+    if (std::find(layouts.begin(), layouts.end(), t.layout()) == layouts.end()) layouts.push_back(t.layout());
+  }
+  PyObject* sets[3] = {PySet_New(nullptr), PySet_New(nullptr), PySet_New(nullptr)};
+  bool ok = sets[0] && sets[1] && sets[2];
+  for (const at::Device& d : devices) {
+    PyObject* object = ok ? THPDevice_New(d) : nullptr;
+    ok = object != nullptr && PySet_Add(sets[0], object) == 0;
+    Py_XDECREF(object);
+  }
+  for (at::ScalarType t : dtypes) ok = ok && PySet_Add(sets[1], reinterpret_cast<PyObject*>(torch::getTHPDtype(t))) == 0;
+  for (at::Layout l : layouts) ok = ok && PySet_Add(sets[2], reinterpret_cast<PyObject*>(torch::getTHPLayout(l))) == 0;
+  if (!ok) {
+    for (PyObject* set : sets) Py_XDECREF(set);
+    return nullptr;
+  }
+  return Py_BuildValue("(NNN)", sets[0], sets[1], sets[2]);
+}
+
+PyMethodDef methods[] = {
+    {"summarize", summarize, METH_O, "(devices, dtypes, layouts) of a list of plain tensors, or None"},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+}  // namespace
+
+// Importing fastclip._C from Python loads this library, which registers the operators above, and
+// gives the module its one helper (plain CPython API; no pybind11 needed).
 extern "C" PyObject* PyInit__C(void) {
-  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module);
 }

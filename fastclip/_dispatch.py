@@ -9,19 +9,17 @@ reports lie.
 
 from __future__ import annotations
 
-import operator
 import os
 
 import torch
 
+from fastclip._inputs import TensorSummary, summarize
 from fastclip.backends import Backend, CppBackend, TorchBackend, TritonBackend
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (TorchBackend(), CppBackend(), TritonBackend())}
 
 # Preference order of "auto" per device type. The Triton interpreter (CPU) is for tests, never auto.
 _AUTO_ORDER = {"cuda": ("cpp", "triton", "torch"), "cpu": ("cpp", "torch")}
-
-_device_of = operator.attrgetter("device")
 
 
 def _requested(backend: str) -> str:
@@ -35,13 +33,16 @@ def _requested(backend: str) -> str:
     return forced
 
 
-def _reason_not_served(backend: Backend, tensors: list[torch.Tensor], norm_type: float | None) -> str | None:
+def _reason_not_served(
+    backend: Backend, tensors: list[torch.Tensor], norm_type: float | None, summary: TensorSummary
+) -> str | None:
     if backend.name == "torch" or not tensors:
         return None
-    devices = set(map(_device_of, tensors))  # built in C: this runs on every step for every gradient
-    if len(devices) > 1:
-        return f"the tensors are on several devices ({', '.join(sorted(map(str, devices)))})"
-    return backend.unavailable_reason(tensors[0].device) or backend.unsupported_reason(tensors, norm_type)
+    if len(summary.devices) > 1:
+        return f"the tensors are on several devices ({', '.join(sorted(map(str, summary.devices)))})"
+    return backend.unavailable_reason(next(iter(summary.devices))) or backend.unsupported_reason(
+        tensors, norm_type, summary
+    )
 
 
 def select_backend(backend: str, tensors: list[torch.Tensor], norm_type: float | None) -> Backend:
@@ -60,14 +61,15 @@ def select_backend(backend: str, tensors: list[torch.Tensor], norm_type: float |
             cannot serve these tensors; the message says why.
     """
     name = _requested(backend)
+    summary = summarize(tensors)
     if name != "auto":
-        reason = _reason_not_served(BACKENDS[name], tensors, norm_type)
+        reason = _reason_not_served(BACKENDS[name], tensors, norm_type, summary)
         if reason is not None:
             raise ValueError(f"fastclip backend {name!r} cannot serve this call: {reason}")
         return BACKENDS[name]
     device_type = tensors[0].device.type if tensors else "cpu"
     for candidate in _AUTO_ORDER.get(device_type, ("torch",)):
-        if _reason_not_served(BACKENDS[candidate], tensors, norm_type) is None:
+        if _reason_not_served(BACKENDS[candidate], tensors, norm_type, summary) is None:
             return BACKENDS[candidate]
     return BACKENDS["torch"]
 

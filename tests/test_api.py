@@ -173,3 +173,25 @@ def test_results_do_not_require_grad(backend):
     p = torch.nn.Parameter(torch.ones(4))
     (p * 3).sum().backward()
     assert not fastclip.clip_([p], 1.0, backend=backend).requires_grad
+
+
+def test_tensor_summary_matches_python_attributes():
+    """The extension's one-pass summary (used on every call) agrees with Python's own view, also
+    for a Tensor subclass, which takes the Python path."""
+    from fastclip._inputs import summarize
+
+    class Tagged(torch.Tensor):
+        pass
+
+    tensors = [
+        torch.ones(2),
+        torch.nn.Parameter(torch.ones(3, dtype=torch.bfloat16)),
+        torch.ones(4, dtype=torch.float64).to_sparse(),
+        torch.ones(1, device="meta"),
+        torch.ones(5).as_subclass(Tagged),
+    ]
+    for subset in (tensors[:4], tensors, []):
+        summary = summarize(subset)
+        assert summary.devices == {t.device for t in subset}
+        assert summary.dtypes == {t.dtype for t in subset}
+        assert summary.layouts == {t.layout for t in subset}

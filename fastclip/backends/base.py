@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from fastclip._inputs import TensorSummary
+
 
 class Backend:
     """Base class: a named implementation of the clipping operations.
@@ -23,10 +25,13 @@ class Backend:
         """Why this backend cannot run on ``device`` at all on this machine, or None if it can."""
         return None
 
-    def unsupported_reason(self, tensors: list[torch.Tensor], norm_type: float) -> str | None:
+    def unsupported_reason(
+        self, tensors: list[torch.Tensor], norm_type: float | None, summary: TensorSummary | None = None
+    ) -> str | None:
         """Why this backend cannot serve these particular tensors, or None if it can.
 
-        Called only after :meth:`unavailable_reason` said the device is usable.
+        Called only after :meth:`unavailable_reason` said the device is usable. ``summary`` is
+        :func:`fastclip._inputs.summarize` of ``tensors`` when the caller already has it.
         """
         return None
 

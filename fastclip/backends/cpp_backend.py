@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import functools
 import math
-import operator
 
 import torch
 
 from fastclip import _extension
+from fastclip._inputs import summarize
 from fastclip.backends.base import Backend
 
 # Dispatch key of the extension's kernels for each device type it can serve.
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 _KERNEL_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16, torch.float64})
-_dtype_of = operator.attrgetter("dtype")
-_layout_of = operator.attrgetter("layout")
 
 
 def _total_norm_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
@@ -57,14 +55,14 @@ class CppBackend(Backend):
         _register_fake_kernels()
         return None
 
-    def unsupported_reason(self, tensors, norm_type):
+    def unsupported_reason(self, tensors, norm_type, summary=None):
         if norm_type is not None and not (norm_type > 0 and (math.isfinite(norm_type) or norm_type == math.inf)):
             return f"norm_type {norm_type} has no fused kernel (only p > 0 and inf)"
-        # Sets built in C (map), not a Python loop: this runs on every step for every gradient.
-        unsupported_dtypes = set(map(_dtype_of, tensors)) - _KERNEL_DTYPES
+        summary = summary or summarize(tensors)
+        unsupported_dtypes = summary.dtypes - _KERNEL_DTYPES
         if unsupported_dtypes:
             return f"gradients of dtype {sorted(map(str, unsupported_dtypes))[0]} have no fused kernel"
-        unsupported_layouts = set(map(_layout_of, tensors)) - {torch.strided}
+        unsupported_layouts = summary.layouts - {torch.strided}
         if unsupported_layouts:
             return f"gradients with layout {sorted(map(str, unsupported_layouts))[0]} have no fused kernel"
         return None
