@@ -1,4 +1,4 @@
-"""GPU tests: the differential harness on CUDA tensors, CUDA-graph capture and replay, no host
+"""GPU tests for the "torch", "cpp" and "triton" backends: the differential harness on CUDA tensors, CUDA-graph capture and replay, no host
 synchronisation, the single-launch and two-launch paths agreeing bit for bit, and a tensor of more
 than 2^31 elements. Skipped where no GPU is visible (CI has none; run them where one is lent).
 """
@@ -20,7 +20,8 @@ from test_differential import CLIPPING, DTYPE_CASES, NOT_CLIPPING, NORM_TYPES, S
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")]
 
-GPU_BACKENDS = ["torch", "cpp"]
+GPU_BACKENDS = ["torch", "cpp", "triton"]
+FUSED_BACKENDS = ["cpp", "triton"]
 
 
 @pytest.fixture(params=GPU_BACKENDS)
@@ -67,18 +68,19 @@ def _model_grads(seed: int) -> list[torch.nn.Parameter]:
     return params
 
 
+@pytest.mark.parametrize("name", FUSED_BACKENDS)
 @pytest.mark.parametrize("max_norm", [CLIPPING, NOT_CLIPPING], ids=["clips", "no_clip"])
-def test_cuda_graph_capture_and_replay(max_norm):
+def test_cuda_graph_capture_and_replay(name, max_norm):
     """fastclip.clip_ captured in a CUDA graph, replayed on new gradient values in the same
-    storage, gives what eager torch gives on those values."""
-    require_backend("cpp", "cuda")
+    storage, gives what an eager call gives on those values."""
+    require_backend(name, "cuda")
     params = _model_grads(0)
-    fastclip.clip_(params, max_norm, backend="cpp")  # warm-up outside capture: builds the table
+    fastclip.clip_(params, max_norm, backend=name)  # warm-up outside capture: table, autotuning
     graph = torch.cuda.CUDAGraph()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream), torch.cuda.graph(graph):
-        captured_norm = fastclip.clip_(params, max_norm, backend="cpp")
+        captured_norm = fastclip.clip_(params, max_norm, backend=name)
     torch.cuda.current_stream().wait_stream(stream)
     for seed in (1, 2):
         fresh = _model_grads(seed)
@@ -87,23 +89,28 @@ def test_cuda_graph_capture_and_replay(max_norm):
         graph.replay()
         expected = torch.nn.utils.clip_grad_norm_(fresh, max_norm)
         eager = _model_grads(seed)
-        eager_norm = fastclip.clip_(eager, max_norm, backend="cpp")
+        eager_norm = fastclip.clip_(eager, max_norm, backend=name)
         assert torch.equal(captured_norm, eager_norm), "replayed norm differs from an eager call"
         assert all(torch.equal(p.grad, e.grad) for p, e in zip(params, eager)), "replayed gradients differ"
         assert abs(float(captured_norm) - float(expected)) <= 1e-5 * float(expected)
 
 
-def test_no_host_synchronisation():
-    """Neither a first call (table built and uploaded) nor a later one waits for the GPU."""
-    require_backend("cpp", "cuda")
+@pytest.mark.parametrize("name", FUSED_BACKENDS)
+def test_no_host_synchronisation(name):
+    """No call waits for the GPU: with "cpp" not even the first (table built and uploaded); with
+    "triton" every call after the first for a given total size (autotuning benchmarks, once)."""
+    require_backend(name, "cuda")
     params = _model_grads(3)
+    if name == "triton":
+        fastclip.clip_(params, NOT_CLIPPING, backend=name)
+        fastclip.get_total_norm([p.grad for p in params], backend=name)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        fastclip.clip_(params, CLIPPING, backend="cpp")
-        fastclip.clip_(params, NOT_CLIPPING, backend="cpp")
-        norm = fastclip.get_total_norm([p.grad for p in params], backend="cpp")
-        fastclip.clip_grads_with_norm_(params, CLIPPING, norm, backend="cpp")
+        fastclip.clip_(params, CLIPPING, backend=name)
+        fastclip.clip_(params, NOT_CLIPPING, backend=name)
+        norm = fastclip.get_total_norm([p.grad for p in params], backend=name)
+        fastclip.clip_grads_with_norm_(params, CLIPPING, norm, backend=name)
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
@@ -131,16 +138,17 @@ def test_single_launch_and_fallback_agree_bitwise(tmp_path):
 
 
 @pytest.mark.slow
-def test_tensor_over_2_to_the_31_elements():
+@pytest.mark.parametrize("name", FUSED_BACKENDS)
+def test_tensor_over_2_to_the_31_elements(name):
     """64-bit indexing: a 2^31 + 3 element fp16 gradient (4 GiB), whose last elements decide the norm."""
-    require_backend("cpp", "cuda")
+    require_backend(name, "cuda")
     n = 2**31 + 3
     try:
         grad = torch.zeros(n, dtype=torch.float16, device="cuda")
     except torch.OutOfMemoryError:
         pytest.skip("not enough GPU memory")
     grad[-3:] = torch.tensor([3.0, 4.0, 12.0], dtype=torch.float16)
-    norm = fastclip.clip_([grad], 6.5, backend="cpp")
+    norm = fastclip.clip_([grad], 6.5, backend=name)
     assert float(norm) == 13.0
     expected = torch.zeros(5, dtype=torch.float16, device="cuda")
     expected[-3:] = torch.tensor([3.0, 4.0, 12.0], dtype=torch.float16)

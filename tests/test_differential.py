@@ -94,3 +94,13 @@ def test_overflowing_norm(backend, error_if_nonfinite):
     """Finite fp16 gradients whose fp16 norm overflows to inf (torch returns inf, scales by 0)."""
     specs = [GradSpec((4096,), torch.float16, scale=2000.0), GradSpec((10,), torch.float32)]
     check_clip(backend, specs, CLIPPING, 2.0, error_if_nonfinite=error_if_nonfinite)
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, 3.0, math.inf], ids=str)
+@pytest.mark.parametrize("scale", [1e-30, 1e20], ids=["tiny", "huge"])
+@pytest.mark.parametrize("count", [1, 2])
+def test_single_element_extremes(backend, count, scale, norm_type):
+    """One-element gradients whose square under- or overflows fp32: torch's CPU norm of a single
+    element is |x| (no square), of two elements the fp32 accumulation under- or overflows."""
+    specs = [GradSpec((1,), torch.float32, scale=scale) for _ in range(count)]
+    check_clip(backend, specs, CLIPPING, norm_type)

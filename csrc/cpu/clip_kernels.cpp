@@ -208,6 +208,19 @@ double finish_norm(double accumulated, Norm norm, DType dtype) {
   return dtype == DType::kFloat64 ? root : round_to(dtype, static_cast<float>(root));
 }
 
+// torch's CPU norm of a one-element tensor is |x| for every p, with no power and root (so no
+// underflow or overflow of x^p); its float accumulation of two or more elements can underflow or
+// overflow, and the clamp in finish_norm reproduces that.
+double single_element_norm(const TensorView& t) {
+  switch (t.dtype) {
+    case DType::kFloat32: return std::abs(static_cast<const float*>(t.data)[0]);
+    case DType::kFloat64: return std::abs(static_cast<const double*>(t.data)[0]);
+    case DType::kFloat16: return std::abs(fp16_to_float(static_cast<const uint16_t*>(t.data)[0]));
+    case DType::kBFloat16: return std::abs(bf16_to_float(static_cast<const uint16_t*>(t.data)[0]));
+  }
+  return 0.0;
+}
+
 struct Chunk {
   int32_t tensor;
   int64_t begin, end;
@@ -257,11 +270,12 @@ void tensor_norms(const TensorView* tensors, int64_t count, Norm norm, const Par
     double accumulated = 0.0;
     for (int64_t i = first_chunk[t]; i < first_chunk[t + 1]; ++i)
       accumulated = norm.kind == NormKind::kInf ? max_nan(accumulated, partials[i]) : accumulated + partials[i];
-    norms_out[t] = finish_norm(accumulated, norm, tensors[t].dtype);
+    norms_out[t] = tensors[t].numel == 1 ? single_element_norm(tensors[t]) : finish_norm(accumulated, norm, tensors[t].dtype);
   }
 }
 
 double total_norm(const double* tensor_norms, int64_t count, Norm norm, DType total_dtype) {
+  if (count == 1) return std::abs(tensor_norms[0]);  // as torch's CPU norm of one element, see above
   double accumulated = 0.0;
   for (int64_t t = 0; t < count; ++t) {
     const double v = tensor_norms[t];

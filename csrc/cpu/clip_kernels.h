@@ -31,12 +31,13 @@ using ParallelFor =
 constexpr int64_t kChunkElements = 65536;
 
 // Per-tensor norms, each rounded to its tensor's dtype as torch's _foreach_norm returns it (values
-// stored as double). norms_out has `count` entries.
+// stored as double); a one-element tensor's norm is |x|, as torch's on CPU. norms_out has `count`
+// entries.
 void tensor_norms(const TensorView* tensors, int64_t count, Norm norm, const ParallelFor& parallel_for,
                   double* norms_out);
 
 // The total norm: the norm of the per-tensor norms, rounded to `total_dtype` (the promotion of all
-// gradient dtypes, as torch.stack gives).
+// gradient dtypes, as torch.stack gives); |norm| when there is one.
 double total_norm(const double* tensor_norms, int64_t count, Norm norm, DType total_dtype);
 
 // min(max_norm / (total + 1e-6), 1) with torch's roundings in `total_dtype`: reciprocal of

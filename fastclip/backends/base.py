@@ -7,6 +7,8 @@ public API handles that check once, between the norm and the scaling, for every 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from fastclip._inputs import TensorSummary
@@ -60,3 +62,26 @@ class Backend:
         from fastclip.backends.torch_backend import clamp_grads_
 
         clamp_grads_(grads, clip_value, foreach)
+
+
+FUSED_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16, torch.float64})
+
+
+def fused_kernel_refusal(tensors: list[torch.Tensor], norm_type: float | None, summary: TensorSummary | None) -> str | None:
+    """Why the fused kernels (C++/CUDA and Triton alike) cannot serve this call, or None.
+
+    They cover ``norm_type`` > 0 (finite) and ``inf``, the four float dtypes and strided tensors;
+    everything else is left to the ``"torch"`` backend.
+    """
+    from fastclip._inputs import summarize
+
+    if norm_type is not None and not (norm_type > 0 and (math.isfinite(norm_type) or norm_type == math.inf)):
+        return f"norm_type {norm_type} has no fused kernel (only p > 0 and inf)"
+    summary = summary or summarize(tensors)
+    unsupported_dtypes = summary.dtypes - FUSED_DTYPES
+    if unsupported_dtypes:
+        return f"gradients of dtype {sorted(map(str, unsupported_dtypes))[0]} have no fused kernel"
+    unsupported_layouts = summary.layouts - {torch.strided}
+    if unsupported_layouts:
+        return f"gradients with layout {sorted(map(str, unsupported_layouts))[0]} have no fused kernel"
+    return None

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 
 from fastclip import _extension
-from fastclip._inputs import summarize
-from fastclip.backends.base import Backend
+from fastclip.backends.base import Backend, fused_kernel_refusal
 
 # Dispatch key of the extension's kernels for each device type it can serve.
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
-_KERNEL_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16, torch.float64})
 
 
 def _total_norm_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
@@ -56,16 +53,7 @@ class CppBackend(Backend):
         return None
 
     def unsupported_reason(self, tensors, norm_type, summary=None):
-        if norm_type is not None and not (norm_type > 0 and (math.isfinite(norm_type) or norm_type == math.inf)):
-            return f"norm_type {norm_type} has no fused kernel (only p > 0 and inf)"
-        summary = summary or summarize(tensors)
-        unsupported_dtypes = summary.dtypes - _KERNEL_DTYPES
-        if unsupported_dtypes:
-            return f"gradients of dtype {sorted(map(str, unsupported_dtypes))[0]} have no fused kernel"
-        unsupported_layouts = summary.layouts - {torch.strided}
-        if unsupported_layouts:
-            return f"gradients with layout {sorted(map(str, unsupported_layouts))[0]} have no fused kernel"
-        return None
+        return fused_kernel_refusal(tensors, norm_type, summary)
 
     def get_total_norm(self, tensors, norm_type, foreach):
         return torch.ops.fastclip.total_norm(tensors, norm_type)

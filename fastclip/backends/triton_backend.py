@@ -1,16 +1,23 @@
-"""Backend "triton": the Triton kernels of ``triton_kernels/``, for CUDA tensors.
+"""Backend "triton": the Triton kernels of ``triton_kernels/clip.py``, for CUDA tensors.
 
 CPU tensors are served only under ``TRITON_INTERPRET=1`` (Triton's interpreter), which is how CI
-tests these kernels on machines without a GPU; ``"auto"`` never picks the interpreter.
+tests these kernels on machines without a GPU; ``"auto"`` never picks the interpreter. The kernels
+are called through ``torch.ops.fastclip_triton.*`` (registered by importing the module).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.util
+import math
 import os
 
-from fastclip.backends.base import Backend
+import torch
+
+from fastclip._inputs import summarize
+from fastclip.backends.base import Backend, fused_kernel_refusal
+
 
 
 @functools.cache
@@ -21,7 +28,13 @@ def _kernels_error() -> str | None:
         found = importlib.util.find_spec("triton_kernels.clip") is not None
     except ModuleNotFoundError:  # no triton_kernels package at all
         found = False
-    return None if found else "this version of fastclip has no Triton kernels"
+    if not found:
+        return "this version of fastclip has no Triton kernels"
+    try:
+        importlib.import_module("triton_kernels.clip")  # registers torch.ops.fastclip_triton
+    except Exception as e:  # a Triton that cannot build for this machine, say
+        return f"the Triton kernels failed to load: {e}"
+    return None
 
 
 class TritonBackend(Backend):
@@ -38,3 +51,21 @@ class TritonBackend(Backend):
         if device.type not in ("cpu", "cuda"):
             return f"no kernels for {device.type} tensors"
         return None
+
+    def unsupported_reason(self, tensors, norm_type, summary=None):
+        summary = summary or summarize(tensors)
+        refusal = fused_kernel_refusal(tensors, norm_type, summary)
+        if refusal is None and norm_type not in (None, 1.0, 2.0, math.inf) and torch.float64 in summary.dtypes:
+            # |x|^p is computed as exp2(p * log2|x|) in fp64 (the interpreter has no libdevice pow):
+            # exact enough for fp32 accumulation, a few fp64 ulp short of torch's for fp64.
+            return f"norm_type {norm_type} with float64 gradients has no Triton kernel (p-th powers are not fp64-exact)"
+        return refusal
+
+    def get_total_norm(self, tensors, norm_type, foreach):
+        return torch.ops.fastclip_triton.total_norm(tensors, norm_type)
+
+    def clip_(self, grads, max_norm, norm_type, foreach):
+        return torch.ops.fastclip_triton.clip_(grads, max_norm, norm_type)
+
+    def clip_grads_with_norm_(self, grads, max_norm, total_norm, foreach):
+        torch.ops.fastclip_triton.scale_with_norm_(grads, max_norm, total_norm)

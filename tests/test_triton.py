@@ -1,0 +1,132 @@
+"""The Triton kernels' own properties, beyond the differential harness (which runs them on every
+case as backend "triton"): a constant number of launches whatever the number of tensors, cached
+device tables, and capture by torch.compile(fullgraph=True)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from conftest import require_backend
+
+
+@pytest.fixture
+def kernels():
+    require_backend("triton", "cpu")
+    import triton_kernels.clip
+
+    return triton_kernels.clip
+
+
+@pytest.mark.parametrize("num_tensors", [1, 3, 300])
+@pytest.mark.parametrize("max_norm", [1e-3, 1e6], ids=["clips", "no_clip"])
+def test_two_launches_whatever_the_number_of_tensors(kernels, monkeypatch, num_tensors, max_norm):
+    launched = []
+    real_wrap_triton = kernels.wrap_triton
+
+    def counting_wrap_triton(kernel):
+        launched.append(kernel)
+        return real_wrap_triton(kernel)
+
+    monkeypatch.setattr(kernels, "wrap_triton", counting_wrap_triton)
+    grads = [torch.randn(5 + i % 70_000, dtype=(torch.float32, torch.bfloat16)[i % 2]) for i in range(num_tensors)]
+    kernels.clip_(grads, max_norm, 2.0)
+    assert len(launched) == 2  # the norm kernel and the scale kernel (which returns if not clipping)
+
+
+def test_tables_are_cached_by_address(kernels):
+    grads = [torch.randn(10), torch.randn(70_000, dtype=torch.float16)]
+    first = torch.ops.fastclip_triton.gradient_tables(grads, 0)
+    again = torch.ops.fastclip_triton.gradient_tables(grads, 0)
+    assert all(a is b for a, b in zip(first, again)), "same gradients, same storage: the cached table is reused"
+    other = torch.ops.fastclip_triton.gradient_tables([torch.randn(10), grads[1]], 0)
+    assert other[0] is not first[0]
+    assert first[0].shape == (1 + 2, 4)  # one chunk for 10 elements, two for 70,000
+    assert first[1][:, 2:4].tolist() == [[0, 1], [1, 3]]  # first and end chunk of each tensor
+
+
+_CAPTURE_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    import triton_kernels.clip  # noqa: F401  (registers the ops)
+
+    graphs = []
+
+    def capture(gm, example_inputs):  # records the graph; never runs it (no GPU needed)
+        graphs.append(gm.code)
+        return lambda *args: [torch.zeros(())]
+
+    def step(grads, norm):
+        torch.ops.fastclip_triton.scale_with_norm_(grads, 1.0, norm)
+        return torch.ops.fastclip_triton.clip_(grads, 0.5, 2.0) + torch.ops.fastclip_triton.total_norm(grads, 2.0)
+
+    torch.compile(step, fullgraph=True, backend=capture)([torch.randn(100), torch.randn(7, dtype=torch.bfloat16)],
+                                                         torch.tensor(3.0))
+    print(graphs[0])
+    """
+)
+
+
+def test_torch_compile_fullgraph_captures_the_ops(kernels):
+    """Dynamo traces the three triton_ops into one graph (fullgraph=True raises on any break).
+
+    Run without TRITON_INTERPRET: the interpreter's kernels are plain Python functions, which
+    torch.compile cannot trace into; compiled kernels are what it sees on a GPU.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _CAPTURE_SCRIPT], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for op in ("fastclip_triton.scale_with_norm_", "fastclip_triton.clip_", "fastclip_triton.total_norm"):
+        assert op in result.stdout, result.stdout
+
+
+_COMPILE_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    import triton_kernels.clip as kernels
+
+    target = GPUTarget("cuda", int(sys.argv[1]), 32)
+    norm_signature = {
+        "chunks_ptr": "*i64", "tensors_ptr": "*i64", "partials_ptr": "*fp64", "tensor_norms_ptr": "*fp64",
+        "counters_ptr": "*i32", "total_ptr": None, "coefficient_ptr": "*fp64", "num_tensors": "i32",
+        "num_nonempty": "i32", "p_bits": "i64", "max_norm_bits": "i64", "total_elements": "i32",
+        **dict.fromkeys(["NORM", "TOTAL_DTYPE", "ONE_ELEMENT_IS_MAGNITUDE", "BLOCK", "BARRIER"], "constexpr"),
+    }
+    scale_signature = {"chunks_ptr": "*i64", "tensors_ptr": "*i64", "coefficient_ptr": "*fp64",
+                       "COEFFICIENT_DTYPE": "constexpr", "BLOCK": "constexpr"}
+    compiled = 0
+    for tag, pointer in {0: "*fp32", 1: "*fp16", 2: "*bf16", 3: "*fp64"}.items():
+        for norm in range(4):
+            constants = {"NORM": norm, "TOTAL_DTYPE": tag, "ONE_ELEMENT_IS_MAGNITUDE": False, "BLOCK": 2048,
+                         "BARRIER": True}
+            triton.compile(ASTSource(kernels._norm_kernel, {**norm_signature, "total_ptr": pointer}, constants),
+                           target=target)
+        triton.compile(ASTSource(kernels._scale_kernel, scale_signature, {"COEFFICIENT_DTYPE": tag, "BLOCK": 2048}),
+                       target=target)
+        coefficient_signature = {"total_ptr": pointer, "coefficient_ptr": "*fp64", "max_norm_bits": "i64",
+                                 "TOTAL_DTYPE": "constexpr"}
+        triton.compile(ASTSource(kernels._coefficient_kernel, coefficient_signature, {"TOTAL_DTYPE": tag}),
+                       target=target)
+        compiled += 6
+    print("compiled", compiled)
+    """
+)
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_kernels_compile_for_gpus(kernels, arch):
+    """Every kernel variant compiles ahead of time for sm_80 and sm_90, no GPU needed. The
+    interpreter runs kernels as Python, so it accepts code that the compiler rejects (a global that
+    is not constexpr, a type mismatch between branches); this catches that in CI."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, str(arch)], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "compiled 24" in result.stdout

@@ -1,0 +1,1 @@
+"""fastclip's Triton kernels (``clip``): readable, vendorable, independent of fastclip's public API."""

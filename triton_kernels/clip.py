@@ -1,0 +1,590 @@
+"""Multi-tensor gradient norm and clipping in Triton: two launches, whatever the number of tensors.
+
+Launch 1 (``_norm_kernel``, one program per chunk of ``CHUNK`` elements of one gradient) reduces
+its chunk to a partial in fp32 (fp64 for fp64 gradients) and stores it; no float atomics. The last
+program of each gradient to finish (an integer arrival counter decides) combines that gradient's
+partials in a fixed order into its norm, rounded to the gradient's dtype as torch's
+``_foreach_norm`` returns it. The last gradient to finish computes the total norm (the norm of the
+per-tensor norms, in the promoted dtype) and the clip coefficient with torch's two roundings, on the
+device. Launch 2 (``_scale_kernel``) reads the coefficient and returns at once when it is 1.
+
+Everything the kernels know about the gradients is a device-resident table of (address, size,
+dtype, ...) built once per set of gradients and cached, so a CUDA graph that captured the launches
+replays validly and the host never waits for the GPU.
+
+This module knows nothing of fastclip's public API; it registers ``torch.ops.fastclip_triton.*``
+(``torch.library.triton_op`` with ``wrap_triton``, so ``torch.compile(fullgraph=True)`` can trace
+them). Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors, which is how CI tests them;
+gradients are then scaled with CPU torch's arithmetic instead of CUDA torch's (see ``SCALE_*``), and
+a one-element gradient's norm is |x|, as torch's CPU norm gives it (no x^p to underflow).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
+# Elements per chunk: one program's work, and the fixed unit in which partials are combined.
+CHUNK = 65536
+
+# dtype tags of the tables (the same as csrc/common/clip_types.h)
+DTYPE_TAGS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+# norm kinds (compile-time constants of the kernels)
+NORM_L2, NORM_L1, NORM_INF, NORM_P = 0, 1, 2, 3
+# How a gradient is multiplied by the coefficient, as torch's _foreach_mul_ does on each device:
+# CUDA reads the coefficient in the gradient's dtype; CPU converts it to the arithmetic type
+# (float, or double for fp64) exactly; a 0-dim gradient of another dtype than the coefficient is
+# multiplied in the promoted type on both (two 0-dim operands promote).
+SCALE_COEFFICIENT_IN_GRAD_DTYPE, SCALE_PROMOTED, SCALE_COEFFICIENT_IN_MATH_TYPE = 0, 1, 2
+
+# Columns of the tables (int64): chunks [address of the gradient, begin, end, gradient index];
+# tensors [address, dtype tag, first chunk, end chunk, scale mode].
+_CHUNK_COLUMNS = tl.constexpr(4)
+_TENSOR_COLUMNS = tl.constexpr(5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Element helpers
+
+
+@triton.jit
+def _bf16_bits_to_f32(bits):
+    return (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _f32_to_bf16_bits(x):
+    # Round to nearest even like c10::BFloat16, every NaN to 0x7FC0. Written out because the
+    # interpreter's float->bf16 cast truncates.
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return tl.where(x != x, 0x7FC0, rounded).to(tl.uint16)
+
+
+@triton.jit
+def _round_f32_to(x, DTYPE: tl.constexpr):
+    """x (fp32) rounded to a dtype's precision, kept in fp32."""
+    if DTYPE == 1:
+        return x.to(tl.float16).to(tl.float32)
+    elif DTYPE == 2:
+        return _bf16_bits_to_f32(_f32_to_bf16_bits(x))
+    else:
+        return x
+
+
+@triton.jit
+def _load_math(address, offsets, mask, DTYPE: tl.constexpr):
+    """Elements of a gradient in its arithmetic type (fp32, or fp64 for fp64)."""
+    if DTYPE == 0:
+        return tl.load(address.to(tl.pointer_type(tl.float32)) + offsets, mask=mask, other=0.0)
+    elif DTYPE == 1:
+        return tl.load(address.to(tl.pointer_type(tl.float16)) + offsets, mask=mask, other=0.0).to(tl.float32)
+    elif DTYPE == 2:
+        return _bf16_bits_to_f32(tl.load(address.to(tl.pointer_type(tl.uint16)) + offsets, mask=mask, other=0))
+    else:
+        return tl.load(address.to(tl.pointer_type(tl.float64)) + offsets, mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_math(address, offsets, mask, value, DTYPE: tl.constexpr):
+    """Stores arithmetic-type values into a gradient, rounding like c10 (doubles via float)."""
+    if DTYPE == 0:
+        tl.store(address.to(tl.pointer_type(tl.float32)) + offsets, value.to(tl.float32), mask=mask)
+    elif DTYPE == 1:
+        tl.store(address.to(tl.pointer_type(tl.float16)) + offsets, value.to(tl.float32).to(tl.float16), mask=mask)
+    elif DTYPE == 2:
+        tl.store(address.to(tl.pointer_type(tl.uint16)) + offsets, _f32_to_bf16_bits(value.to(tl.float32)), mask=mask)
+    else:
+        tl.store(address.to(tl.pointer_type(tl.float64)) + offsets, value.to(tl.float64), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Norm arithmetic
+
+
+@triton.jit
+def _max_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _abs_pow(x, p):
+    # |x|^p through fp64 exp2/log2 (Triton's interpreter has no libdevice pow); exact enough that
+    # the fp32 result is the correctly rounded power in all but rare cases. 0 stays 0, inf inf.
+    return tl.exp2(tl.log2(tl.abs(x).to(tl.float64)) * p).to(x.dtype)
+
+
+@triton.jit
+def _accumulate(acc, x, p, NORM: tl.constexpr):
+    if NORM == 0:
+        return acc + x * x
+    elif NORM == 1:
+        return acc + tl.abs(x)
+    elif NORM == 2:
+        return _max_nan(acc, tl.abs(x))
+    else:
+        return acc + _abs_pow(x, p)
+
+
+@triton.jit
+def _reduce(acc, NORM: tl.constexpr):
+    if NORM == 2:
+        # max that propagates NaN, from built-in reductions (a custom-combine tl.reduce is
+        # element-by-element Python in the interpreter): if any lane is NaN, the lanes' sum is NaN
+        # too (they are magnitudes, so no inf - inf), and it is returned instead of the max.
+        has_nan = tl.sum((acc != acc).to(tl.int32), axis=0) > 0
+        return tl.where(has_nan, tl.sum(acc, axis=0), tl.max(acc, axis=0))
+    else:
+        return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _combine(acc, x, NORM: tl.constexpr):
+    if NORM == 2:
+        return _max_nan(acc, x)
+    else:
+        return acc + x
+
+
+@triton.jit
+def _finish(accumulated, p, NORM: tl.constexpr):
+    """The root step of the norm, in the accumulation type (correctly rounded square root)."""
+    if NORM == 0:
+        if accumulated.dtype == tl.float64:
+            return tl.sqrt(accumulated)
+        else:
+            return tl.sqrt_rn(accumulated)
+    elif NORM == 3:
+        return tl.exp2(tl.log2(accumulated.to(tl.float64)) / p).to(accumulated.dtype)
+    else:
+        return accumulated
+
+
+@triton.jit
+def _single_element(address, dtype):
+    """The first element of a gradient, as fp64."""
+    offsets = tl.arange(0, 1).to(tl.int64)
+    if dtype == 0:
+        x = _load_math(address, offsets, offsets < 1, 0).to(tl.float64)
+    elif dtype == 1:
+        x = _load_math(address, offsets, offsets < 1, 1).to(tl.float64)
+    elif dtype == 2:
+        x = _load_math(address, offsets, offsets < 1, 2).to(tl.float64)
+    else:
+        x = _load_math(address, offsets, offsets < 1, 3)
+    return tl.sum(x, axis=0)
+
+
+@triton.jit
+def _chunk_partial(address, begin, end, p, DTYPE: tl.constexpr, NORM: tl.constexpr, BLOCK: tl.constexpr):
+    """One chunk reduced in BLOCK lanes (fp32, fp64 for fp64), then a fixed tree; as fp64."""
+    if DTYPE == 3:
+        acc = tl.zeros([BLOCK], dtype=tl.float64)
+    else:
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(begin, end, BLOCK):
+        offsets = start + tl.arange(0, BLOCK).to(tl.int64)
+        acc = _accumulate(acc, _load_math(address, offsets, offsets < end, DTYPE), p, NORM)
+    return _reduce(acc, NORM).to(tl.float64)
+
+
+@triton.jit
+def _tensor_norm(partials_ptr, first, last, p, DTYPE: tl.constexpr, NORM: tl.constexpr, BLOCK: tl.constexpr):
+    """A gradient's norm from its chunk partials (fixed order), rooted and rounded to its dtype."""
+    if DTYPE == 3:
+        acc = tl.zeros([BLOCK], dtype=tl.float64)
+    else:
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(first, last, BLOCK):
+        offsets = start + tl.arange(0, BLOCK).to(tl.int64)
+        values = tl.load(partials_ptr + offsets, mask=offsets < last, other=0.0, cache_modifier=".cg")
+        acc = _combine(acc, values.to(acc.dtype), NORM)
+    norm = _finish(_reduce(acc, NORM), p, NORM)
+    if DTYPE == 3:
+        return norm
+    else:
+        return _round_f32_to(norm, DTYPE).to(tl.float64)
+
+
+@triton.jit
+def _finalize_total(tensors_ptr, tensor_norms_ptr, total_ptr, coefficient_ptr, num_tensors, p, max_norm,
+                    NORM: tl.constexpr, TOTAL_DTYPE: tl.constexpr, ONE_ELEMENT_IS_MAGNITUDE: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    """Total norm (norm of the per-tensor norms, in the total dtype) and torch's coefficient."""
+    if TOTAL_DTYPE == 3:
+        acc = tl.zeros([BLOCK], dtype=tl.float64)
+    else:
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, num_tensors, BLOCK):
+        t = start + tl.arange(0, BLOCK).to(tl.int64)
+        in_range = t < num_tensors
+        first = tl.load(tensors_ptr + t * _TENSOR_COLUMNS + 2, mask=in_range, other=0)
+        last = tl.load(tensors_ptr + t * _TENSOR_COLUMNS + 3, mask=in_range, other=0)
+        norms = tl.load(tensor_norms_ptr + t, mask=in_range, other=0.0, cache_modifier=".cg")
+        norms = tl.where(last > first, norms, 0.0)  # an empty gradient's norm is 0 (never written)
+        acc = _accumulate(acc, norms.to(acc.dtype), p, NORM)
+    total = _finish(_reduce(acc, NORM), p, NORM)
+    if ONE_ELEMENT_IS_MAGNITUDE and num_tensors == 1:
+        total = tl.abs(tl.load(tensor_norms_ptr, cache_modifier=".cg")).to(total.dtype)
+    if TOTAL_DTYPE == 3:
+        coefficient = (1.0 / (total + 1e-6)) * max_norm
+    else:
+        # torch: max_norm / (total + 1e-6) runs as reciprocal(total + 1e-6) * max_norm, each step
+        # rounded to the total's dtype, Python scalars entering as fp32.
+        total = _round_f32_to(total, TOTAL_DTYPE)
+        shifted = _round_f32_to(total + 1e-6, TOTAL_DTYPE)
+        reciprocal = _round_f32_to(tl.math.div_rn(1.0, shifted), TOTAL_DTYPE)
+        coefficient = _round_f32_to(reciprocal * max_norm.to(tl.float32), TOTAL_DTYPE).to(tl.float64)
+    tl.store(total_ptr, total.to(total_ptr.dtype.element_ty))
+    tl.store(coefficient_ptr, tl.where(coefficient > 1.0, 1.0, coefficient))  # clamp; NaN stays
+
+
+@triton.jit
+def _norm_kernel(chunks_ptr, tensors_ptr, partials_ptr, tensor_norms_ptr, counters_ptr, total_ptr,
+                 coefficient_ptr, num_tensors, num_nonempty, p_bits, max_norm_bits, total_elements,
+                 NORM: tl.constexpr, TOTAL_DTYPE: tl.constexpr, ONE_ELEMENT_IS_MAGNITUDE: tl.constexpr,
+                 BLOCK: tl.constexpr, BARRIER: tl.constexpr):
+    chunk = tl.program_id(0).to(tl.int64)
+    p = p_bits.to(tl.float64, bitcast=True)
+    address = tl.load(chunks_ptr + chunk * _CHUNK_COLUMNS)
+    begin = tl.load(chunks_ptr + chunk * _CHUNK_COLUMNS + 1)
+    end = tl.load(chunks_ptr + chunk * _CHUNK_COLUMNS + 2)
+    t = tl.load(chunks_ptr + chunk * _CHUNK_COLUMNS + 3)
+    dtype = tl.load(tensors_ptr + t * _TENSOR_COLUMNS + 1)
+    if dtype == 0:
+        partial = _chunk_partial(address, begin, end, p, 0, NORM, BLOCK)
+    elif dtype == 1:
+        partial = _chunk_partial(address, begin, end, p, 1, NORM, BLOCK)
+    elif dtype == 2:
+        partial = _chunk_partial(address, begin, end, p, 2, NORM, BLOCK)
+    else:
+        partial = _chunk_partial(address, begin, end, p, 3, NORM, BLOCK)
+    tl.store(partials_ptr + chunk, partial)
+
+    # The last chunk of this gradient to finish computes its norm. acq_rel atomics order the
+    # partials' stores before the count and the count before the loads of the last program.
+    if BARRIER:
+        tl.debug_barrier()
+    first = tl.load(tensors_ptr + t * _TENSOR_COLUMNS + 2)
+    last = tl.load(tensors_ptr + t * _TENSOR_COLUMNS + 3)
+    arrived = tl.atomic_add(counters_ptr + t, 1, sem="acq_rel")
+    if arrived == last - first - 1:
+        if ONE_ELEMENT_IS_MAGNITUDE and (end - begin == 1) and (last - first == 1):
+            norm = tl.abs(_single_element(address, dtype))
+        elif dtype == 0:
+            norm = _tensor_norm(partials_ptr, first, last, p, 0, NORM, BLOCK)
+        elif dtype == 1:
+            norm = _tensor_norm(partials_ptr, first, last, p, 1, NORM, BLOCK)
+        elif dtype == 2:
+            norm = _tensor_norm(partials_ptr, first, last, p, 2, NORM, BLOCK)
+        else:
+            norm = _tensor_norm(partials_ptr, first, last, p, 3, NORM, BLOCK)
+        tl.store(tensor_norms_ptr + t, norm)
+        tl.store(counters_ptr + t, 0)  # ready for the next call or graph replay
+        if BARRIER:
+            tl.debug_barrier()
+        done = tl.atomic_add(counters_ptr + num_tensors, 1, sem="acq_rel")
+        if done == num_nonempty - 1:
+            max_norm = max_norm_bits.to(tl.float64, bitcast=True)
+            _finalize_total(tensors_ptr, tensor_norms_ptr, total_ptr, coefficient_ptr, num_tensors, p, max_norm,
+                            NORM, TOTAL_DTYPE, ONE_ELEMENT_IS_MAGNITUDE, BLOCK)
+            tl.store(counters_ptr + num_tensors, 0)
+
+
+@triton.jit
+def _scaled(x, coefficient, mode, DTYPE: tl.constexpr, COEFFICIENT_DTYPE: tl.constexpr):
+    """x (in the arithmetic type) times the coefficient (fp64 holding a COEFFICIENT_DTYPE value),
+    in the arithmetic torch uses for this gradient (see the SCALE_* modes)."""
+    if DTYPE == 3:
+        return x * coefficient  # fp64 arithmetic; a coefficient of any dtype converts exactly
+    else:
+        c32 = coefficient.to(tl.float32)
+        y = x * tl.where(mode == 0, _round_f32_to(c32, DTYPE), c32)
+        if COEFFICIENT_DTYPE == 3:  # a 0-dim gradient with an fp64 coefficient: double arithmetic
+            y = tl.where(mode == 1, (x.to(tl.float64) * coefficient).to(tl.float32), y)
+        return y
+
+
+@triton.jit
+def _scale_chunk(address, begin, end, coefficient, mode, DTYPE: tl.constexpr, COEFFICIENT_DTYPE: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    for start in range(begin, end, BLOCK):
+        offsets = start + tl.arange(0, BLOCK).to(tl.int64)
+        mask = offsets < end
+        x = _load_math(address, offsets, mask, DTYPE)
+        _store_math(address, offsets, mask, _scaled(x, coefficient, mode, DTYPE, COEFFICIENT_DTYPE), DTYPE)
+
+
+@triton.jit
+def _scale_kernel(chunks_ptr, tensors_ptr, coefficient_ptr, COEFFICIENT_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    coefficient = tl.load(coefficient_ptr)
+    if coefficient != 1.0:  # x * 1 == x for every x: skip the read and the write
+        chunk = tl.program_id(0).to(tl.int64)
+        address = tl.load(chunks_ptr + chunk * _CHUNK_COLUMNS)
+        begin = tl.load(chunks_ptr + chunk * _CHUNK_COLUMNS + 1)
+        end = tl.load(chunks_ptr + chunk * _CHUNK_COLUMNS + 2)
+        t = tl.load(chunks_ptr + chunk * _CHUNK_COLUMNS + 3)
+        dtype = tl.load(tensors_ptr + t * _TENSOR_COLUMNS + 1)
+        mode = tl.load(tensors_ptr + t * _TENSOR_COLUMNS + 4)
+        if dtype == 0:
+            _scale_chunk(address, begin, end, coefficient, mode, 0, COEFFICIENT_DTYPE, BLOCK)
+        elif dtype == 1:
+            _scale_chunk(address, begin, end, coefficient, mode, 1, COEFFICIENT_DTYPE, BLOCK)
+        elif dtype == 2:
+            _scale_chunk(address, begin, end, coefficient, mode, 2, COEFFICIENT_DTYPE, BLOCK)
+        else:
+            _scale_chunk(address, begin, end, coefficient, mode, 3, COEFFICIENT_DTYPE, BLOCK)
+
+
+@triton.jit
+def _coefficient_kernel(total_ptr, coefficient_ptr, max_norm_bits, TOTAL_DTYPE: tl.constexpr):
+    """The coefficient for a given total norm (clip_grads_with_norm_), on the device."""
+    total = tl.load(total_ptr).to(tl.float64)
+    max_norm = max_norm_bits.to(tl.float64, bitcast=True)
+    if TOTAL_DTYPE == 3:
+        coefficient = (1.0 / (total + 1e-6)) * max_norm
+    else:
+        shifted = _round_f32_to(total.to(tl.float32) + 1e-6, TOTAL_DTYPE)
+        reciprocal = _round_f32_to(tl.math.div_rn(1.0, shifted), TOTAL_DTYPE)
+        coefficient = _round_f32_to(reciprocal * max_norm.to(tl.float32), TOTAL_DTYPE).to(tl.float64)
+    tl.store(coefficient_ptr, tl.where(coefficient > 1.0, 1.0, coefficient))
+
+
+# A small autotune space for the memory-bound reduction, keyed on the total size (not on the list
+# of tensors, so a model's step does not retune). The interpreter runs one fixed configuration:
+# benchmarking configurations there would only measure Python.
+# (Its blocks are large: each interpreted loop iteration costs Python time, a wide block does not.)
+if INTERPRETING:
+    _NORM_CONFIGS = [triton.Config({"BLOCK": 4096}, num_warps=4)]
+else:
+    _NORM_CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w) for b in (1024, 2048, 4096) for w in (4, 8)]
+_norm_kernel_tuned = triton.autotune(configs=_NORM_CONFIGS, key=["total_elements"])(_norm_kernel)
+# The scale kernel writes the gradients, so it cannot be benchmarked in place: one configuration.
+_SCALE_BLOCK, _SCALE_WARPS = (4096 if INTERPRETING else 2048), 8
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables: built on the host once per set of gradients, cached on the device
+
+
+class _TableCache:
+    """Device tables keyed by the gradients' (address, size, dtype, scale mode) and device.
+
+    Entries used while a CUDA stream is being captured are never evicted, so the graph stays valid.
+    """
+
+    def __init__(self, capacity: int = 64):
+        self.capacity = capacity
+        self.entries: dict[tuple, tuple] = {}
+        self.pinned: set[tuple] = set()
+        self.lock = threading.Lock()
+
+    def get(self, key: tuple, build) -> tuple:
+        with self.lock:
+            entry = self.entries.get(key)
+            if entry is None:
+                while len(self.entries) >= self.capacity and len(self.pinned) < len(self.entries):
+                    oldest = next(k for k in self.entries if k not in self.pinned)
+                    del self.entries[oldest]
+                entry = self.entries[key] = build()
+            if key[-1].type == "cuda" and torch.cuda.is_current_stream_capturing():
+                self.pinned.add(key)
+            return entry
+
+
+_tables = _TableCache()
+
+
+def _scale_mode(t: torch.Tensor, coefficient_dtype: torch.dtype) -> int:
+    if t.dim() == 0 and t.dtype != coefficient_dtype:
+        return SCALE_PROMOTED
+    return SCALE_COEFFICIENT_IN_GRAD_DTYPE if t.device.type == "cuda" else SCALE_COEFFICIENT_IN_MATH_TYPE
+
+
+def _tables_for(tensors: list[torch.Tensor], coefficient_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(chunk table, tensor table, number of non-empty tensors) for dense tensors, cached."""
+    num_nonempty = sum(t.numel() > 0 for t in tensors)
+    chunks, table = torch.ops.fastclip_triton.gradient_tables(tensors, DTYPE_TAGS[coefficient_dtype])
+    return chunks, table, num_nonempty
+
+
+# Reading addresses is opaque to torch.compile (a traced tensor has none), so the tables come from
+# a custom op: traced code calls it at run time, and its fake version gives the shapes.
+@torch.library.custom_op("fastclip_triton::gradient_tables", mutates_args=())
+def gradient_tables(tensors: list[torch.Tensor], coefficient_dtype_tag: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The device tables of dense ``tensors``: chunks and tensors (see _CHUNK_COLUMNS, _TENSOR_COLUMNS)."""
+    coefficient_dtype = next(d for d, tag in DTYPE_TAGS.items() if tag == coefficient_dtype_tag)
+    device = tensors[0].device
+    rows = tuple((t.data_ptr(), t.numel(), DTYPE_TAGS[t.dtype], _scale_mode(t, coefficient_dtype)) for t in tensors)
+
+    def build():
+        chunk_rows, tensor_rows = [], []
+        for index, (address, numel, tag, mode) in enumerate(rows):
+            first = len(chunk_rows)
+            chunk_rows += [(address, b, min(b + CHUNK, numel), index) for b in range(0, numel, CHUNK)]
+            tensor_rows.append((address, tag, first, len(chunk_rows), mode))
+        host = [torch.tensor(chunk_rows or [(0, 0, 0, 0)], dtype=torch.int64), torch.tensor(tensor_rows, dtype=torch.int64)]
+        if device.type == "cuda":  # stream-ordered copies from pinned memory: no host wait
+            host = [h.pin_memory() for h in host]
+        on_device = [h.to(device, non_blocking=True) for h in host]
+        # The host copies stay referenced: a graph that captured the upload copies from them again.
+        return on_device[0], on_device[1], host
+
+    chunks, table, _ = _tables.get((rows, device), build)
+    return chunks, table
+
+
+@gradient_tables.register_fake
+def _(tensors, coefficient_dtype_tag):
+    num_chunks = sum((t.numel() + CHUNK - 1) // CHUNK for t in tensors)
+    device = tensors[0].device
+    return (torch.empty((max(num_chunks, 1), _CHUNK_COLUMNS.value), dtype=torch.int64, device=device),
+            torch.empty((len(tensors), _TENSOR_COLUMNS.value), dtype=torch.int64, device=device))
+
+
+def _is_non_overlapping_and_dense(t: torch.Tensor) -> bool:
+    """Whether t's elements fill one span of memory exactly once, in some order (contiguous,
+    transposed, channels-last...): the dimensions sorted by stride must pack without gaps."""
+    expected_stride = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
+        if stride != expected_stride:
+            return False
+        expected_stride *= size
+    return True
+
+
+def _dense(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Tensors the kernels can address as one flat span (non-overlapping and dense), copying the
+    others; returns (dense tensors, (original, copy) pairs to write back after scaling)."""
+    dense, copies = [], []
+    for t in tensors:
+        if _is_non_overlapping_and_dense(t):
+            dense.append(t)
+        else:
+            c = t.contiguous()
+            dense.append(c)
+            copies.append((t, c))
+    return dense, copies
+
+
+def _float_bits(value: float) -> int:
+    """A float64 as the int64 with its bits: Triton passes Python floats as fp32, so doubles travel
+    as integers and are bitcast back in the kernel."""
+    return struct.unpack("<q", struct.pack("<d", value))[0]
+
+
+def _norm_kind(norm_type: float) -> int:
+    if norm_type == 2.0:
+        return NORM_L2
+    if norm_type == 1.0:
+        return NORM_L1
+    if norm_type == float("inf"):
+        return NORM_INF
+    if norm_type > 0 and norm_type != float("inf") and norm_type == norm_type:
+        return NORM_P
+    raise ValueError(f"fastclip_triton: norm_type {norm_type} has no kernel (only p > 0 and inf)")
+
+
+def _total_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _check(tensors: list[torch.Tensor], what: str) -> None:
+    if not tensors:
+        raise ValueError(f"fastclip_triton: {what} needs at least one tensor")
+    device = tensors[0].device
+    for t in tensors:
+        if t.device != device:
+            raise ValueError(f"fastclip_triton: expected every tensor on {device}, got one on {t.device}")
+        if t.dtype not in DTYPE_TAGS or t.layout != torch.strided:
+            raise ValueError(f"fastclip_triton: no kernel for {t.dtype} / {t.layout} tensors")
+
+
+def _run_norm(tensors: list[torch.Tensor], norm_type: float, max_norm: float, coefficient_dtype: torch.dtype):
+    """Launch 1. Returns (total norm tensor, coefficient tensor, tables)."""
+    kind = _norm_kind(norm_type)
+    if kind == NORM_INF and any(t.numel() == 0 for t in tensors):
+        raise RuntimeError(
+            "_foreach_norm cannot compute the infinity norm on an empty tensor because the operation does not "
+            "have an identity"
+        )
+    device = tensors[0].device
+    total_dtype = _total_dtype(tensors)
+    chunks, table, num_nonempty = _tables_for(tensors, coefficient_dtype)
+    num_chunks = chunks.shape[0] if num_nonempty else 0
+    total = torch.empty((), dtype=total_dtype, device=device)
+    coefficient = torch.empty((), dtype=torch.float64, device=device)
+    if num_chunks == 0:  # only empty tensors: norm 0, coefficient min(max_norm / 1e-6, 1) = 1
+        total.zero_()
+        coefficient.fill_(1.0)
+        return total, coefficient, (chunks, table, 0)
+    partials = torch.empty(num_chunks, dtype=torch.float64, device=device)
+    tensor_norms = torch.empty(len(tensors), dtype=torch.float64, device=device)
+    counters = torch.zeros(len(tensors) + 1, dtype=torch.int32, device=device)
+    wrap_triton(_norm_kernel_tuned)[(num_chunks,)](
+        chunks, table, partials, tensor_norms, counters, total, coefficient, len(tensors), num_nonempty,
+        _float_bits(float(norm_type)), _float_bits(float(max_norm)), sum(t.numel() for t in tensors),
+        NORM=kind, TOTAL_DTYPE=DTYPE_TAGS[total_dtype], ONE_ELEMENT_IS_MAGNITUDE=device.type == "cpu",
+        BARRIER=not INTERPRETING, enable_fp_fusion=True,  # fused multiply-adds in the sums: fine for E5
+    )
+    return total, coefficient, (chunks, table, num_chunks)
+
+
+def _run_scale(tables, coefficient: torch.Tensor, coefficient_dtype: torch.dtype) -> None:
+    """Launch 2."""
+    chunks, table, num_chunks = tables
+    if num_chunks:
+        wrap_triton(_scale_kernel)[(num_chunks,)](
+            chunks, table, coefficient, COEFFICIENT_DTYPE=DTYPE_TAGS[coefficient_dtype], BLOCK=_SCALE_BLOCK,
+            num_warps=_SCALE_WARPS, enable_fp_fusion=False,  # one rounding per operation, as torch
+        )
+
+
+@triton_op("fastclip_triton::total_norm", mutates_args=())
+def total_norm(tensors: list[torch.Tensor], norm_type: float) -> torch.Tensor:
+    """The total ``norm_type``-norm of ``tensors``, in the promoted dtype, as torch computes it."""
+    _check(tensors, "total_norm")
+    dense, _ = _dense(tensors)
+    total, _, _ = _run_norm(dense, norm_type, 1.0, _total_dtype(tensors))
+    return total
+
+
+@triton_op("fastclip_triton::clip_", mutates_args={"grads"})
+def clip_(grads: list[torch.Tensor], max_norm: float, norm_type: float) -> torch.Tensor:
+    """Clips ``grads`` in place by their total norm, which it returns (two launches)."""
+    _check(grads, "clip_")
+    dense, copies = _dense(grads)
+    coefficient_dtype = _total_dtype(grads)
+    total, coefficient, tables = _run_norm(dense, norm_type, max_norm, coefficient_dtype)
+    _run_scale(tables, coefficient, coefficient_dtype)
+    for original, copy in copies:  # whether anything was scaled is known only on the device
+        original.copy_(copy)
+    return total
+
+
+@triton_op("fastclip_triton::scale_with_norm_", mutates_args={"grads"})
+def scale_with_norm_(grads: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> None:
+    """Scales ``grads`` in place by ``min(max_norm / (total_norm + 1e-6), 1)`` (two launches)."""
+    _check(grads, "scale_with_norm_")
+    if total_norm.numel() != 1 or total_norm.dtype not in DTYPE_TAGS:
+        raise ValueError("fastclip_triton: total_norm must be a one-element float tensor")
+    dense, copies = _dense(grads)
+    total = total_norm.reshape(()).to(grads[0].device)
+    coefficient = torch.empty((), dtype=torch.float64, device=grads[0].device)
+    wrap_triton(_coefficient_kernel)[(1,)](total, coefficient, _float_bits(float(max_norm)),
+                                          TOTAL_DTYPE=DTYPE_TAGS[total.dtype], enable_fp_fusion=False)
+    chunks, table, num_nonempty = _tables_for(dense, total.dtype)
+    _run_scale((chunks, table, chunks.shape[0] if num_nonempty else 0), coefficient, total.dtype)
+    for original, copy in copies:
+        original.copy_(copy)
