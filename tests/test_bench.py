@@ -1,0 +1,72 @@
+"""The benchmark's own machinery (not its timings: performance is measured by the benchmark, never
+asserted in tests): model shapes match the real models' parameter counts, the correctness gate
+rejects a wrong provider before anything is timed, and a tiny run produces every output."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from bench import report, run
+from bench.workloads import MIB, Workload, gpt2_shapes, llama_shapes, lstm_lm_shapes, preset, resnet50_shapes, with_dtype
+
+
+def _parameters(shapes) -> int:
+    return sum(math.prod(s) for s in shapes)
+
+
+def test_model_shapes_have_the_published_parameter_counts():
+    assert _parameters(gpt2_shapes()) == 124_439_808  # GPT-2 small, tied output embedding
+    assert _parameters(llama_shapes()) == 6_738_415_616  # LLaMA-7B
+    assert _parameters(resnet50_shapes()) == 25_557_032  # torchvision resnet50
+    lstm = torch.nn.LSTM(650, 650, num_layers=2)
+    assert _parameters(lstm_lm_shapes()[1:-2]) == sum(p.numel() for p in lstm.parameters())
+
+
+def test_quick_preset_contains_the_issue_targets_and_sweeps():
+    names = [w.name for w in preset("quick", "cpu")]
+    assert "8 x 8M fp32 (256 MiB)" in names and "2000 x 8K fp32" in names
+    groups = {w.group for w in preset("quick", "cpu")}
+    assert groups == {"model", "target", "count sweep", "size sweep"}
+    assert max(w.count for w in preset("quick", "cpu")) == 10_000
+
+
+def test_correctness_gate_rejects_a_wrong_provider(monkeypatch):
+    """A fastclip provider whose norm is 1% off must stop the benchmark before timing."""
+    real = run.providers
+
+    def with_a_wrong_one(device):
+        table = real(device)
+        table["fastclip wrong"] = lambda params, m: torch.nn.utils.clip_grad_norm_(params, m) * 1.01
+        return table
+
+    monkeypatch.setattr(run, "providers", with_a_wrong_one)
+    workload = Workload("tiny", with_dtype([(100,), (7, 3)], torch.float32), "model", "float32")
+    with pytest.raises(AssertionError, match="fastclip wrong"):
+        run.bench_workload(workload, "cpu", 1, run.Timer("cpu"), _NoProgress())
+
+
+class _NoProgress:
+    def update(self, n):
+        pass
+
+
+def test_tiny_run_writes_every_output(tmp_path):
+    workloads = [
+        Workload("8 x 8M fp32 (256 MiB)", with_dtype([(1000,)] * 3, torch.float32), "target", "float32"),
+        Workload("1 tensors, 1 MiB float32", with_dtype([(MIB // 4,)], torch.float32), "count sweep", "float32"),
+        Workload("4 tensors, 1 MiB float32", with_dtype([(MIB // 16,)] * 4, torch.float32), "count sweep", "float32"),
+        Workload("4 tensors, 2 MiB float32", with_dtype([(MIB // 8,)] * 4, torch.float32), "size sweep", "float32"),
+    ]
+    results = [run.bench_workload(w, "cpu", 2, run.Timer("cpu"), _NoProgress()) for w in workloads]
+    text = report.markdown(results)
+    assert text.count("| no clip |") == len(workloads) and text.count("| clip |") == len(workloads)
+    assert "x fastclip cpp" in text
+    assert "no clipping, 256 MiB in 8 tensors: % of one read" in text
+    written = report.save(results, text, "test machine, 2 cores", "quick", str(tmp_path))
+    assert [p.rsplit(".", 1)[1] for p in written] == ["csv", "md", "png"]
+    rows = (tmp_path / "benchmarks.csv").read_text().splitlines()
+    assert len(rows) == 1 + sum(2 * len(r.providers()) for r in results)
+    assert (tmp_path / written[2].rsplit("/", 1)[1]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
