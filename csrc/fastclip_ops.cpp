@@ -2,6 +2,7 @@
 // CPU kernels to them. The kernels themselves (cpu/) know nothing of torch; this file translates
 // tensors into (pointer, numel, dtype) tables and ATen's thread pool into a ParallelFor.
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <Python.h>
 #include <torch/csrc/Device.h>
@@ -106,9 +107,10 @@ TORCH_LIBRARY_IMPL(fastclip, CPU, m) {
 
 namespace {
 
-// fastclip._C.summarize(tensors: list) -> (devices, dtypes, layouts) | None
+// fastclip._C.summarize(tensors: list) -> (devices, dtypes, layouts, self_overlapping) | None
 //
-// The distinct devices, dtypes and layouts of a list of plain tensors, as three Python sets: what
+// The distinct devices, dtypes and layouts of a list of plain tensors, as three Python sets, and
+// whether any of them overlaps itself in memory (an expanded view, which cannot be scaled in place): what
 // backend selection asks on every step about every gradient, in one C++ pass (a few ns per tensor
 // instead of ~300 ns of Python attribute lookups). None for anything but a list of exact
 // torch.Tensor/Parameter objects (subclasses may answer differently), and the caller then asks
@@ -118,6 +120,7 @@ PyObject* summarize(PyObject* /*module*/, PyObject* tensors) {
   std::vector<at::Device> devices;
   std::vector<at::ScalarType> dtypes;
   std::vector<at::Layout> layouts;
+  bool self_overlapping = false;
   const Py_ssize_t size = PyList_GET_SIZE(tensors);
   for (Py_ssize_t i = 0; i < size; ++i) {
     PyObject* item = PyList_GET_ITEM(tensors, i);
@@ -126,6 +129,8 @@ PyObject* summarize(PyObject* /*module*/, PyObject* tensors) {
     if (std::find(devices.begin(), devices.end(), t.device()) == devices.end()) devices.push_back(t.device());
     if (std::find(dtypes.begin(), dtypes.end(), t.scalar_type()) == dtypes.end()) dtypes.push_back(t.scalar_type());
     if (std::find(layouts.begin(), layouts.end(), t.layout()) == layouts.end()) layouts.push_back(t.layout());
+    if (t.layout() == at::kStrided && !t.is_contiguous())  // contiguous tensors never overlap themselves
+      self_overlapping |= at::has_internal_overlap(t) == at::MemOverlap::Yes;
   }
   PyObject* sets[3] = {PySet_New(nullptr), PySet_New(nullptr), PySet_New(nullptr)};
   bool ok = sets[0] && sets[1] && sets[2];
@@ -140,11 +145,11 @@ PyObject* summarize(PyObject* /*module*/, PyObject* tensors) {
     for (PyObject* set : sets) Py_XDECREF(set);
     return nullptr;
   }
-  return Py_BuildValue("(NNN)", sets[0], sets[1], sets[2]);
+  return Py_BuildValue("(NNNO)", sets[0], sets[1], sets[2], self_overlapping ? Py_True : Py_False);
 }
 
 PyMethodDef methods[] = {
-    {"summarize", summarize, METH_O, "(devices, dtypes, layouts) of a list of plain tensors, or None"},
+    {"summarize", summarize, METH_O, "(devices, dtypes, layouts, self_overlapping) of a list of plain tensors, or None"},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -45,13 +45,16 @@ def _reason_not_served(
     )
 
 
-def select_backend(backend: str, tensors: list[torch.Tensor], norm_type: float | None) -> Backend:
+def select_backend(
+    backend: str, tensors: list[torch.Tensor], norm_type: float | None, summary: TensorSummary | None = None
+) -> Backend:
     """The backend that runs this call.
 
     Args:
         backend: ``"auto"`` or a backend name, as passed to the public function.
         tensors: the gradients (or tensors) the call works on; may be empty.
         norm_type: the parsed norm type, or None for operations without a norm.
+        summary: :func:`fastclip._inputs.summarize` of ``tensors``, if the caller has it.
 
     Returns:
         The chosen :class:`~fastclip.backends.Backend`.
@@ -61,7 +64,7 @@ def select_backend(backend: str, tensors: list[torch.Tensor], norm_type: float |
             cannot serve these tensors; the message says why.
     """
     name = _requested(backend)
-    summary = summarize(tensors)
+    summary = summary or summarize(tensors)
     if name != "auto":
         reason = _reason_not_served(BACKENDS[name], tensors, norm_type, summary)
         if reason is not None:

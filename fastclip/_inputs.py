@@ -54,11 +54,17 @@ _layout_of = operator.attrgetter("layout")
 
 
 class TensorSummary(NamedTuple):
-    """The distinct devices, dtypes and layouts of a list of tensors."""
+    """The distinct devices, dtypes and layouts of a list of tensors, and whether any of them
+    overlaps itself in memory (an expanded view: several elements at one address)."""
 
     devices: set[torch.device]
     dtypes: set[torch.dtype]
     layouts: set[torch.layout]
+    self_overlapping: bool
+
+
+def _overlaps_itself(t: torch.Tensor) -> bool:
+    return t.layout == torch.strided and not t.is_contiguous() and torch._debug_has_internal_overlap(t) == 1
 
 
 def summarize(tensors: list[torch.Tensor]) -> TensorSummary:
@@ -76,7 +82,36 @@ def summarize(tensors: list[torch.Tensor]) -> TensorSummary:
         summary = fastclip._C.summarize(tensors)
         if summary is not None:
             return TensorSummary(*summary)
-    return TensorSummary(set(map(_device_of, tensors)), set(map(_dtype_of, tensors)), set(map(_layout_of, tensors)))
+    return TensorSummary(set(map(_device_of, tensors)), set(map(_dtype_of, tensors)), set(map(_layout_of, tensors)),
+                         any(map(_overlaps_itself, tensors)))
+
+
+def check_gradients(grads: list[torch.Tensor], summary: TensorSummary, arg_name: str, *, written: bool) -> None:
+    """Refuses gradients no clipping function can handle, before any is touched.
+
+    Args:
+        grads: the gradients (or tensors) of the call.
+        summary: :func:`summarize` of ``grads``.
+        arg_name: the argument they came from, for messages.
+        written: whether the call scales them in place (then self-overlapping views are refused).
+
+    Raises:
+        TypeError: a gradient is not floating point (or complex).
+        ValueError: a gradient is on the meta device, or overlaps itself in memory and would be
+            written.
+    """
+    if not all(d.is_floating_point or d.is_complex for d in summary.dtypes):
+        i, g = next((i, g) for i, g in enumerate(grads) if not (g.dtype.is_floating_point or g.dtype.is_complex))
+        raise TypeError(f"{arg_name}: gradient {i} has dtype {g.dtype}; only floating-point gradients can be clipped")
+    if any(d.type == "meta" for d in summary.devices):
+        i = next(i for i, g in enumerate(grads) if g.device.type == "meta")
+        raise ValueError(f"{arg_name}: gradient {i} is on the meta device, which holds no values to clip")
+    if written and summary.self_overlapping:
+        i = next(i for i, g in enumerate(grads) if _overlaps_itself(g))
+        raise ValueError(
+            f"{arg_name}: gradient {i} overlaps itself in memory (an expanded view, strides {grads[i].stride()}); "
+            "scaling it in place would scale shared elements several times. Make it contiguous first."
+        )
 
 
 def grads_of(parameters: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -105,7 +140,17 @@ def parse_max_norm(max_norm, arg_name: str = "max_norm") -> float:
     if isinstance(max_norm, torch.Tensor):
         if max_norm.numel() != 1:
             raise ValueError(f"{arg_name} must be a number or a one-element tensor, got shape {tuple(max_norm.shape)}")
-        return float(max_norm)
+        return _checked_bound(float(max_norm), arg_name)
     if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)):
         raise TypeError(f"{arg_name} must be a number or a one-element tensor, got {type(max_norm).__name__}")
-    return float(max_norm)
+    return _checked_bound(float(max_norm), arg_name)
+
+
+def _checked_bound(value: float, arg_name: str) -> float:
+    # torch accepts both and silently does harm: a NaN bound turns every gradient into NaN, a
+    # negative one flips every gradient's sign. fastclip refuses them.
+    if math.isnan(value):
+        raise ValueError(f"{arg_name} must not be NaN")
+    if value < 0:
+        raise ValueError(f"{arg_name} must be >= 0, got {value} (torch would flip the sign of every gradient)")
+    return value

@@ -10,7 +10,15 @@ from __future__ import annotations
 import torch
 
 from fastclip._dispatch import backend_status, select_backend
-from fastclip._inputs import TensorOrTensors, as_tensor_list, grads_of, parse_max_norm, parse_norm_type
+from fastclip._inputs import (
+    TensorOrTensors,
+    as_tensor_list,
+    check_gradients,
+    grads_of,
+    parse_max_norm,
+    parse_norm_type,
+    summarize,
+)
 
 
 def _raise_if_nonfinite(total_norm: torch.Tensor, norm_type: float) -> None:
@@ -61,7 +69,9 @@ def clip_(
     max_norm = parse_max_norm(max_norm)
     norm_type = parse_norm_type(norm_type)
     grads = grads_of(parameters)
-    impl = select_backend(backend, grads, norm_type)
+    summary = summarize(grads)
+    check_gradients(grads, summary, "parameters", written=True)
+    impl = select_backend(backend, grads, norm_type, summary)
     if not grads:
         return torch.tensor(0.0)
     if error_if_nonfinite:
@@ -95,7 +105,9 @@ def get_total_norm(
     """
     tensors = as_tensor_list(tensors, "tensors", warn_empty_generator=False)
     norm_type = parse_norm_type(norm_type)
-    impl = select_backend(backend, tensors, norm_type)
+    summary = summarize(tensors)
+    check_gradients(tensors, summary, "tensors", written=False)
+    impl = select_backend(backend, tensors, norm_type, summary)
     if not tensors:
         return torch.tensor(0.0)
     total_norm = impl.get_total_norm(tensors, norm_type, foreach)
@@ -133,7 +145,9 @@ def clip_grads_with_norm_(
     if not isinstance(total_norm, torch.Tensor):
         raise TypeError(f"total_norm must be a Tensor, got {type(total_norm).__name__}")
     grads = grads_of(parameters)
-    impl = select_backend(backend, grads, None)
+    summary = summarize(grads)
+    check_gradients(grads, summary, "parameters", written=True)
+    impl = select_backend(backend, grads, None, summary)
     if grads:
         impl.clip_grads_with_norm_(grads, max_norm, total_norm, foreach)
 
@@ -161,7 +175,9 @@ def clip_grad_value_(
     parameters = as_tensor_list(parameters, "parameters", warn_empty_generator=False)
     clip_value = parse_max_norm(clip_value, "clip_value")
     grads = grads_of(parameters)
-    impl = select_backend(backend, grads, None)
+    summary = summarize(grads)
+    check_gradients(grads, summary, "parameters", written=True)
+    impl = select_backend(backend, grads, None, summary)
     if grads:
         impl.clip_grad_value_(grads, clip_value, foreach)
 

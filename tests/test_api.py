@@ -111,6 +111,9 @@ def test_clip_grad_value(backend, clip_value):
         ({"norm_type": math.nan}, ValueError, "norm_type"),
         ({"max_norm": "1.0"}, TypeError, "max_norm"),
         ({"max_norm": torch.ones(2)}, ValueError, "max_norm"),
+        ({"max_norm": math.nan}, ValueError, "max_norm must not be NaN"),
+        ({"max_norm": -1.0}, ValueError, "max_norm must be >= 0"),
+        ({"max_norm": torch.tensor(-0.5)}, ValueError, "max_norm must be >= 0"),
         ({"backend": "cuda"}, ValueError, "backend"),
     ],
 )
@@ -195,3 +198,39 @@ def test_tensor_summary_matches_python_attributes():
         assert summary.devices == {t.device for t in subset}
         assert summary.dtypes == {t.dtype for t in subset}
         assert summary.layouts == {t.layout for t in subset}
+
+
+def _with_grad(grad: torch.Tensor) -> torch.Tensor:
+    param = torch.zeros(grad.shape, dtype=grad.dtype, device=grad.device)
+    param.grad = grad
+    return param
+
+
+@pytest.mark.parametrize("clip", ["clip_", "clip_grads_with_norm_", "clip_grad_value_", "get_total_norm"])
+@pytest.mark.parametrize(
+    "bad, error, match",
+    [
+        (lambda: torch.ones(3, dtype=torch.int64), TypeError, "gradient 1 has dtype torch.int64"),
+        (lambda: torch.ones(3, dtype=torch.bool), TypeError, "gradient 1 has dtype torch.bool"),
+        (lambda: torch.ones(3, device="meta"), ValueError, "gradient 1 is on the meta device"),
+        (lambda: torch.ones(1).expand(4), ValueError, "gradient 1 overlaps itself"),
+    ],
+    ids=["int64", "bool", "meta", "expanded"],
+)
+def test_gradients_that_cannot_be_clipped_are_refused_untouched(clip, bad, error, match):
+    """Refused before any gradient is touched (the good gradient before the bad one stays as is).
+    get_total_norm only reads, so an expanded view is fine there."""
+    good = torch.full((5,), 3.0)
+    tensors = [good, bad()]
+    call = {
+        "clip_": lambda: fastclip.clip_([_with_grad(t) for t in tensors], 0.1),
+        "clip_grads_with_norm_": lambda: fastclip.clip_grads_with_norm_([_with_grad(t) for t in tensors], 0.1, torch.tensor(9.0)),
+        "clip_grad_value_": lambda: fastclip.clip_grad_value_([_with_grad(t) for t in tensors], 0.1),
+        "get_total_norm": lambda: fastclip.get_total_norm(tensors),
+    }[clip]
+    if clip == "get_total_norm" and "overlaps" in match:
+        assert float(call()) == pytest.approx(math.sqrt(5 * 9 + 4))
+        return
+    with pytest.raises(error, match=match):
+        call()
+    assert torch.equal(good, torch.full((5,), 3.0))

@@ -104,3 +104,19 @@ def test_single_element_extremes(backend, count, scale, norm_type):
     element is |x| (no square), of two elements the fp32 accumulation under- or overflows."""
     specs = [GradSpec((1,), torch.float32, scale=scale) for _ in range(count)]
     check_clip(backend, specs, CLIPPING, norm_type)
+
+
+# Cases the fuzzer found (fresh-clone CI runs), kept as fixed regressions.
+FUZZ_FINDINGS = {
+    # fp32 squares of 1e-30 underflow; the fp64 tensor's share must still be exact enough.
+    "tiny fp32 next to tiny fp64": ([GradSpec((1023,), torch.float32, scale=1e-30),
+                                     GradSpec((1023,), torch.float64, "strided", scale=1e-30)], 2.0),
+    # p=3 on a large fp64 sum: the cube root costs ~ln(sum) ulp if 1/3 is rounded to double.
+    "p=3 fp64 large sum": ([GradSpec((), values="none"), GradSpec((1023,), torch.float64, "strided", scale=1000.0)], 3.0),
+}
+
+
+@pytest.mark.parametrize("finding", list(FUZZ_FINDINGS))
+def test_fuzz_findings(backend, finding):
+    specs, norm_type = FUZZ_FINDINGS[finding]
+    check_clip(backend, specs, CLIPPING, norm_type)

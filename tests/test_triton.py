@@ -98,14 +98,14 @@ _COMPILE_SCRIPT = textwrap.dedent(
         "chunks_ptr": "*i64", "tensors_ptr": "*i64", "partials_ptr": "*fp64", "tensor_norms_ptr": "*fp64",
         "counters_ptr": "*i32", "total_ptr": None, "coefficient_ptr": "*fp64", "num_tensors": "i32",
         "num_nonempty": "i32", "p_bits": "i64", "max_norm_bits": "i64", "total_elements": "i32",
-        **dict.fromkeys(["NORM", "TOTAL_DTYPE", "ONE_ELEMENT_IS_MAGNITUDE", "BLOCK", "BARRIER"], "constexpr"),
+        **dict.fromkeys(["NORM", "TOTAL_DTYPE", "CPU_RULES", "BLOCK", "BARRIER"], "constexpr"),
     }
     scale_signature = {"chunks_ptr": "*i64", "tensors_ptr": "*i64", "coefficient_ptr": "*fp64",
                        "COEFFICIENT_DTYPE": "constexpr", "BLOCK": "constexpr"}
     compiled = 0
     for tag, pointer in {0: "*fp32", 1: "*fp16", 2: "*bf16", 3: "*fp64"}.items():
         for norm in range(4):
-            constants = {"NORM": norm, "TOTAL_DTYPE": tag, "ONE_ELEMENT_IS_MAGNITUDE": False, "BLOCK": 2048,
+            constants = {"NORM": norm, "TOTAL_DTYPE": tag, "CPU_RULES": False, "BLOCK": 2048,
                          "BARRIER": True}
             triton.compile(ASTSource(kernels._norm_kernel, {**norm_signature, "total_ptr": pointer}, constants),
                            target=target)

@@ -15,8 +15,11 @@ replays validly and the host never waits for the GPU.
 This module knows nothing of fastclip's public API; it registers ``torch.ops.fastclip_triton.*``
 (``torch.library.triton_op`` with ``wrap_triton``, so ``torch.compile(fullgraph=True)`` can trace
 them). Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors, which is how CI tests them;
-gradients are then scaled with CPU torch's arithmetic instead of CUDA torch's (see ``SCALE_*``), and
-a one-element gradient's norm is |x|, as torch's CPU norm gives it (no x^p to underflow).
+the kernels follow CPU rules (``CPU_RULES``): gradients are scaled with CPU torch's arithmetic
+instead of CUDA torch's (see ``SCALE_*``), a one-element gradient's norm is |x| as torch's CPU norm
+gives it, and sums are accumulated in fp64 as fastclip's C++ CPU kernel does (fp32 partial sums in
+another order than torch's would now and then land a hair further from the truth than torch's own,
+which E5 forbids; fp64 sums are never further).
 """
 
 from __future__ import annotations
@@ -184,22 +187,40 @@ def _single_element(address, dtype):
 
 
 @triton.jit
-def _chunk_partial(address, begin, end, p, DTYPE: tl.constexpr, NORM: tl.constexpr, BLOCK: tl.constexpr):
-    """One chunk reduced in BLOCK lanes (fp32, fp64 for fp64), then a fixed tree; as fp64."""
+def _root(reduced, p, NORM: tl.constexpr, DTYPE: tl.constexpr, CPU_RULES: tl.constexpr):
+    """The finished norm of a reduced sum (or max): fp64 for fp64, else fp32, not yet rounded to a
+    16-bit dtype. Under CPU_RULES a non-fp64 sum was accumulated in fp64; a sum beyond fp32's range
+    becomes inf (torch's fp32 accumulation overflows there, and so must this) and the root is taken
+    in fp64, as fastclip's C++ CPU kernel does."""
     if DTYPE == 3:
+        return _finish(reduced, p, NORM)
+    elif CPU_RULES:
+        in_range = tl.where(reduced > 3.4028234663852886e38, reduced * 1e300, reduced)  # * 1e300: inf
+        return _finish(in_range, p, NORM).to(tl.float32)
+    else:
+        return _finish(reduced, p, NORM)
+
+
+@triton.jit
+def _chunk_partial(address, begin, end, p, DTYPE: tl.constexpr, NORM: tl.constexpr, CPU_RULES: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    """One chunk reduced in BLOCK lanes (fp32, fp64 for fp64 or under CPU_RULES), then a fixed
+    tree; as fp64."""
+    if DTYPE == 3 or CPU_RULES:
         acc = tl.zeros([BLOCK], dtype=tl.float64)
     else:
         acc = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(begin, end, BLOCK):
         offsets = start + tl.arange(0, BLOCK).to(tl.int64)
-        acc = _accumulate(acc, _load_math(address, offsets, offsets < end, DTYPE), p, NORM)
+        acc = _accumulate(acc, _load_math(address, offsets, offsets < end, DTYPE).to(acc.dtype), p, NORM)
     return _reduce(acc, NORM).to(tl.float64)
 
 
 @triton.jit
-def _tensor_norm(partials_ptr, first, last, p, DTYPE: tl.constexpr, NORM: tl.constexpr, BLOCK: tl.constexpr):
+def _tensor_norm(partials_ptr, first, last, p, DTYPE: tl.constexpr, NORM: tl.constexpr, CPU_RULES: tl.constexpr,
+                 BLOCK: tl.constexpr):
     """A gradient's norm from its chunk partials (fixed order), rooted and rounded to its dtype."""
-    if DTYPE == 3:
+    if DTYPE == 3 or CPU_RULES:
         acc = tl.zeros([BLOCK], dtype=tl.float64)
     else:
         acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -207,7 +228,7 @@ def _tensor_norm(partials_ptr, first, last, p, DTYPE: tl.constexpr, NORM: tl.con
         offsets = start + tl.arange(0, BLOCK).to(tl.int64)
         values = tl.load(partials_ptr + offsets, mask=offsets < last, other=0.0, cache_modifier=".cg")
         acc = _combine(acc, values.to(acc.dtype), NORM)
-    norm = _finish(_reduce(acc, NORM), p, NORM)
+    norm = _root(_reduce(acc, NORM), p, NORM, DTYPE, CPU_RULES)
     if DTYPE == 3:
         return norm
     else:
@@ -216,10 +237,10 @@ def _tensor_norm(partials_ptr, first, last, p, DTYPE: tl.constexpr, NORM: tl.con
 
 @triton.jit
 def _finalize_total(tensors_ptr, tensor_norms_ptr, total_ptr, coefficient_ptr, num_tensors, p, max_norm,
-                    NORM: tl.constexpr, TOTAL_DTYPE: tl.constexpr, ONE_ELEMENT_IS_MAGNITUDE: tl.constexpr,
+                    NORM: tl.constexpr, TOTAL_DTYPE: tl.constexpr, CPU_RULES: tl.constexpr,
                     BLOCK: tl.constexpr):
     """Total norm (norm of the per-tensor norms, in the total dtype) and torch's coefficient."""
-    if TOTAL_DTYPE == 3:
+    if TOTAL_DTYPE == 3 or CPU_RULES:
         acc = tl.zeros([BLOCK], dtype=tl.float64)
     else:
         acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -231,8 +252,8 @@ def _finalize_total(tensors_ptr, tensor_norms_ptr, total_ptr, coefficient_ptr, n
         norms = tl.load(tensor_norms_ptr + t, mask=in_range, other=0.0, cache_modifier=".cg")
         norms = tl.where(last > first, norms, 0.0)  # an empty gradient's norm is 0 (never written)
         acc = _accumulate(acc, norms.to(acc.dtype), p, NORM)
-    total = _finish(_reduce(acc, NORM), p, NORM)
-    if ONE_ELEMENT_IS_MAGNITUDE and num_tensors == 1:
+    total = _root(_reduce(acc, NORM), p, NORM, TOTAL_DTYPE, CPU_RULES)
+    if CPU_RULES and num_tensors == 1:
         total = tl.abs(tl.load(tensor_norms_ptr, cache_modifier=".cg")).to(total.dtype)
     if TOTAL_DTYPE == 3:
         coefficient = (1.0 / (total + 1e-6)) * max_norm
@@ -250,7 +271,7 @@ def _finalize_total(tensors_ptr, tensor_norms_ptr, total_ptr, coefficient_ptr, n
 @triton.jit
 def _norm_kernel(chunks_ptr, tensors_ptr, partials_ptr, tensor_norms_ptr, counters_ptr, total_ptr,
                  coefficient_ptr, num_tensors, num_nonempty, p_bits, max_norm_bits, total_elements,
-                 NORM: tl.constexpr, TOTAL_DTYPE: tl.constexpr, ONE_ELEMENT_IS_MAGNITUDE: tl.constexpr,
+                 NORM: tl.constexpr, TOTAL_DTYPE: tl.constexpr, CPU_RULES: tl.constexpr,
                  BLOCK: tl.constexpr, BARRIER: tl.constexpr):
     chunk = tl.program_id(0).to(tl.int64)
     p = p_bits.to(tl.float64, bitcast=True)
@@ -260,13 +281,13 @@ def _norm_kernel(chunks_ptr, tensors_ptr, partials_ptr, tensor_norms_ptr, counte
     t = tl.load(chunks_ptr + chunk * _CHUNK_COLUMNS + 3)
     dtype = tl.load(tensors_ptr + t * _TENSOR_COLUMNS + 1)
     if dtype == 0:
-        partial = _chunk_partial(address, begin, end, p, 0, NORM, BLOCK)
+        partial = _chunk_partial(address, begin, end, p, 0, NORM, CPU_RULES, BLOCK)
     elif dtype == 1:
-        partial = _chunk_partial(address, begin, end, p, 1, NORM, BLOCK)
+        partial = _chunk_partial(address, begin, end, p, 1, NORM, CPU_RULES, BLOCK)
     elif dtype == 2:
-        partial = _chunk_partial(address, begin, end, p, 2, NORM, BLOCK)
+        partial = _chunk_partial(address, begin, end, p, 2, NORM, CPU_RULES, BLOCK)
     else:
-        partial = _chunk_partial(address, begin, end, p, 3, NORM, BLOCK)
+        partial = _chunk_partial(address, begin, end, p, 3, NORM, CPU_RULES, BLOCK)
     tl.store(partials_ptr + chunk, partial)
 
     # The last chunk of this gradient to finish computes its norm. acq_rel atomics order the
@@ -277,16 +298,16 @@ def _norm_kernel(chunks_ptr, tensors_ptr, partials_ptr, tensor_norms_ptr, counte
     last = tl.load(tensors_ptr + t * _TENSOR_COLUMNS + 3)
     arrived = tl.atomic_add(counters_ptr + t, 1, sem="acq_rel")
     if arrived == last - first - 1:
-        if ONE_ELEMENT_IS_MAGNITUDE and (end - begin == 1) and (last - first == 1):
+        if CPU_RULES and (end - begin == 1) and (last - first == 1):
             norm = tl.abs(_single_element(address, dtype))
         elif dtype == 0:
-            norm = _tensor_norm(partials_ptr, first, last, p, 0, NORM, BLOCK)
+            norm = _tensor_norm(partials_ptr, first, last, p, 0, NORM, CPU_RULES, BLOCK)
         elif dtype == 1:
-            norm = _tensor_norm(partials_ptr, first, last, p, 1, NORM, BLOCK)
+            norm = _tensor_norm(partials_ptr, first, last, p, 1, NORM, CPU_RULES, BLOCK)
         elif dtype == 2:
-            norm = _tensor_norm(partials_ptr, first, last, p, 2, NORM, BLOCK)
+            norm = _tensor_norm(partials_ptr, first, last, p, 2, NORM, CPU_RULES, BLOCK)
         else:
-            norm = _tensor_norm(partials_ptr, first, last, p, 3, NORM, BLOCK)
+            norm = _tensor_norm(partials_ptr, first, last, p, 3, NORM, CPU_RULES, BLOCK)
         tl.store(tensor_norms_ptr + t, norm)
         tl.store(counters_ptr + t, 0)  # ready for the next call or graph replay
         if BARRIER:
@@ -295,7 +316,7 @@ def _norm_kernel(chunks_ptr, tensors_ptr, partials_ptr, tensor_norms_ptr, counte
         if done == num_nonempty - 1:
             max_norm = max_norm_bits.to(tl.float64, bitcast=True)
             _finalize_total(tensors_ptr, tensor_norms_ptr, total_ptr, coefficient_ptr, num_tensors, p, max_norm,
-                            NORM, TOTAL_DTYPE, ONE_ELEMENT_IS_MAGNITUDE, BLOCK)
+                            NORM, TOTAL_DTYPE, CPU_RULES, BLOCK)
             tl.store(counters_ptr + num_tensors, 0)
 
 
@@ -535,7 +556,7 @@ def _run_norm(tensors: list[torch.Tensor], norm_type: float, max_norm: float, co
     wrap_triton(_norm_kernel_tuned)[(num_chunks,)](
         chunks, table, partials, tensor_norms, counters, total, coefficient, len(tensors), num_nonempty,
         _float_bits(float(norm_type)), _float_bits(float(max_norm)), sum(t.numel() for t in tensors),
-        NORM=kind, TOTAL_DTYPE=DTYPE_TAGS[total_dtype], ONE_ELEMENT_IS_MAGNITUDE=device.type == "cpu",
+        NORM=kind, TOTAL_DTYPE=DTYPE_TAGS[total_dtype], CPU_RULES=device.type == "cpu",
         BARRIER=not INTERPRETING, enable_fp_fusion=True,  # fused multiply-adds in the sums: fine for E5
     )
     return total, coefficient, (chunks, table, num_chunks)

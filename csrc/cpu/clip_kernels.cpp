@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "float_convert.h"
@@ -196,21 +197,24 @@ float round_to(DType dtype, float v) {
 }
 
 // The root step of a p-norm, then rounded to the dtype, as torch returns each tensor's norm in its
-// own dtype. For dtypes that torch accumulates in float, the sum is first brought into float's
-// range: every term is non-negative, so torch's float sum overflows to inf exactly when the whole
-// sum exceeds float's range, and fastclip must give torch's inf there (overflow-safe norms are an
-// explicit option). The root itself is taken in double: a float exponent 1/p would cost ~ln(sum) ulp.
+// own dtype. For dtypes that torch accumulates in float, a sum beyond float's range becomes inf:
+// every term is non-negative, so torch's float sum overflows exactly when the whole sum exceeds
+// float's range, and fastclip gives torch's inf there (overflow-safe norms are an explicit option).
+// Tiny sums are kept: torch's float sum underflows to 0 where the double sum does not, which only
+// brings fastclip closer to the truth (E5). The root is taken in double or wider.
 double finish_norm(double accumulated, Norm norm, DType dtype) {
-  if (dtype != DType::kFloat64) accumulated = static_cast<float>(accumulated);
+  if (dtype != DType::kFloat64 && accumulated > std::numeric_limits<float>::max())
+    accumulated = std::numeric_limits<double>::infinity();
   double root = accumulated;
   if (norm.kind == NormKind::kL2) root = std::sqrt(accumulated);
-  if (norm.kind == NormKind::kP) root = std::pow(accumulated, 1.0 / norm.p);
+  // In long double (x87's 64-bit mantissa on x86): in double, 1/p itself is rounded, which costs
+  // ~ln(sum) ulp of an fp64 result, more than E5's 2 ulp on large sums.
+  if (norm.kind == NormKind::kP) root = static_cast<double>(std::pow(static_cast<long double>(accumulated), 1.0L / norm.p));
   return dtype == DType::kFloat64 ? root : round_to(dtype, static_cast<float>(root));
 }
 
 // torch's CPU norm of a one-element tensor is |x| for every p, with no power and root (so no
-// underflow or overflow of x^p); its float accumulation of two or more elements can underflow or
-// overflow, and the clamp in finish_norm reproduces that.
+// overflow of x^p: 1e20 has the norm 1e20, where two such elements give inf, as in finish_norm).
 double single_element_norm(const TensorView& t) {
   switch (t.dtype) {
     case DType::kFloat32: return std::abs(static_cast<const float*>(t.data)[0]);
