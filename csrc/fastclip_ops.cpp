@@ -107,10 +107,44 @@ TORCH_LIBRARY_IMPL(fastclip, CPU, m) {
 
 namespace {
 
-// fastclip._C.summarize(tensors: list) -> (devices, dtypes, layouts, self_overlapping) | None
+// The bytes a strided tensor can touch: [begin, end).
+struct MemoryExtent {
+  uintptr_t begin;
+  uintptr_t end;
+  Py_ssize_t index;
+};
+
+MemoryExtent extent_of(const at::Tensor& t, Py_ssize_t index) {
+  int64_t last = 0;  // offset of the last element, in elements (torch strides are never negative)
+  for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  return {begin, begin + static_cast<uintptr_t>((last + 1) * t.element_size()), index};
+}
+
+// The first pair of tensors (in list order) that share elements, or (-1, -1). Extents are sorted
+// and each compared with the one reaching furthest before it; where extents meet, ATen decides
+// whether elements are shared (two interleaved strided views share none; "too hard" counts as no).
+std::pair<Py_ssize_t, Py_ssize_t> first_shared_memory(std::vector<MemoryExtent>& extents, PyObject* tensors) {
+  std::sort(extents.begin(), extents.end(), [](const MemoryExtent& a, const MemoryExtent& b) { return a.begin < b.begin; });
+  const MemoryExtent* furthest = nullptr;
+  for (const MemoryExtent& e : extents) {
+    if (furthest != nullptr && e.begin < furthest->end) {
+      const at::Tensor& a = THPVariable_Unpack(PyList_GET_ITEM(tensors, furthest->index));
+      const at::Tensor& b = THPVariable_Unpack(PyList_GET_ITEM(tensors, e.index));
+      const at::MemOverlapStatus status = at::get_overlap_status(a, b);
+      if (status == at::MemOverlapStatus::Full || status == at::MemOverlapStatus::Partial)
+        return {std::min(furthest->index, e.index), std::max(furthest->index, e.index)};
+    }
+    if (furthest == nullptr || e.end > furthest->end) furthest = &e;
+  }
+  return {-1, -1};
+}
+
+// fastclip._C.summarize(tensors: list) -> (devices, dtypes, layouts, self_overlapping, shared) | None
 //
 // The distinct devices, dtypes and layouts of a list of plain tensors, as three Python sets, and
-// whether any of them overlaps itself in memory (an expanded view, which cannot be scaled in place): what
+// whether any of them overlaps itself in memory (an expanded view, which cannot be scaled in place)
+// and the first pair that share elements (or None), which must not both be scaled: what
 // backend selection asks on every step about every gradient, in one C++ pass (a few ns per tensor
 // instead of ~300 ns of Python attribute lookups). None for anything but a list of exact
 // torch.Tensor/Parameter objects (subclasses may answer differently), and the caller then asks
@@ -121,6 +155,7 @@ PyObject* summarize(PyObject* /*module*/, PyObject* tensors) {
   std::vector<at::ScalarType> dtypes;
   std::vector<at::Layout> layouts;
   bool self_overlapping = false;
+  std::vector<MemoryExtent> extents;
   const Py_ssize_t size = PyList_GET_SIZE(tensors);
   for (Py_ssize_t i = 0; i < size; ++i) {
     PyObject* item = PyList_GET_ITEM(tensors, i);
@@ -131,7 +166,9 @@ PyObject* summarize(PyObject* /*module*/, PyObject* tensors) {
     if (std::find(layouts.begin(), layouts.end(), t.layout()) == layouts.end()) layouts.push_back(t.layout());
     if (t.layout() == at::kStrided && !t.is_contiguous())  // contiguous tensors never overlap themselves
       self_overlapping |= at::has_internal_overlap(t) == at::MemOverlap::Yes;
+    if (t.layout() == at::kStrided && t.numel() > 0 && t.has_storage()) extents.push_back(extent_of(t, i));
   }
+  const auto [first, second] = first_shared_memory(extents, tensors);
   PyObject* sets[3] = {PySet_New(nullptr), PySet_New(nullptr), PySet_New(nullptr)};
   bool ok = sets[0] && sets[1] && sets[2];
   for (const at::Device& d : devices) {
@@ -145,11 +182,12 @@ PyObject* summarize(PyObject* /*module*/, PyObject* tensors) {
     for (PyObject* set : sets) Py_XDECREF(set);
     return nullptr;
   }
-  return Py_BuildValue("(NNNO)", sets[0], sets[1], sets[2], self_overlapping ? Py_True : Py_False);
+  if (first < 0) return Py_BuildValue("(NNNOO)", sets[0], sets[1], sets[2], self_overlapping ? Py_True : Py_False, Py_None);
+  return Py_BuildValue("(NNNO(nn))", sets[0], sets[1], sets[2], self_overlapping ? Py_True : Py_False, first, second);
 }
 
 PyMethodDef methods[] = {
-    {"summarize", summarize, METH_O, "(devices, dtypes, layouts, self_overlapping) of a list of plain tensors, or None"},
+    {"summarize", summarize, METH_O, "(devices, dtypes, layouts, self_overlapping, shared pair) of a list of plain tensors, or None"},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -61,6 +61,9 @@ class TensorSummary(NamedTuple):
     dtypes: set[torch.dtype]
     layouts: set[torch.layout]
     self_overlapping: bool
+    # The first two tensors (by index) that share elements; checked for plain tensors by the
+    # extension only (None on the Python path, which does not look).
+    shared_memory: tuple[int, int] | None
 
 
 def _overlaps_itself(t: torch.Tensor) -> bool:
@@ -83,7 +86,7 @@ def summarize(tensors: list[torch.Tensor]) -> TensorSummary:
         if summary is not None:
             return TensorSummary(*summary)
     return TensorSummary(set(map(_device_of, tensors)), set(map(_dtype_of, tensors)), set(map(_layout_of, tensors)),
-                         any(map(_overlaps_itself, tensors)))
+                         any(map(_overlaps_itself, tensors)), None)
 
 
 def check_gradients(grads: list[torch.Tensor], summary: TensorSummary, arg_name: str, *, written: bool) -> None:
@@ -97,8 +100,8 @@ def check_gradients(grads: list[torch.Tensor], summary: TensorSummary, arg_name:
 
     Raises:
         TypeError: a gradient is not floating point (or complex).
-        ValueError: a gradient is on the meta device, or overlaps itself in memory and would be
-            written.
+        ValueError: a gradient is on the meta device, or overlaps itself or another gradient in
+            memory and would be written.
     """
     if not all(d.is_floating_point or d.is_complex for d in summary.dtypes):
         i, g = next((i, g) for i, g in enumerate(grads) if not (g.dtype.is_floating_point or g.dtype.is_complex))
@@ -111,6 +114,12 @@ def check_gradients(grads: list[torch.Tensor], summary: TensorSummary, arg_name:
         raise ValueError(
             f"{arg_name}: gradient {i} overlaps itself in memory (an expanded view, strides {grads[i].stride()}); "
             "scaling it in place would scale shared elements several times. Make it contiguous first."
+        )
+    if written and summary.shared_memory is not None:
+        i, j = summary.shared_memory
+        raise ValueError(
+            f"{arg_name}: gradients {i} and {j} share memory; scaling both in place would scale the shared "
+            "elements twice (pass each gradient once)"
         )
 
 

@@ -234,3 +234,33 @@ def test_gradients_that_cannot_be_clipped_are_refused_untouched(clip, bad, error
     with pytest.raises(error, match=match):
         call()
     assert torch.equal(good, torch.full((5,), 3.0))
+
+
+@pytest.mark.parametrize("clip", ["clip_", "clip_grads_with_norm_", "clip_grad_value_"])
+@pytest.mark.parametrize(
+    "views, shared",
+    [
+        (lambda b: [b[:10], b[5:15]], True),  # partial overlap
+        (lambda b: [b[:10], torch.ones(3), b[:10]], True),  # the same memory twice
+        (lambda b: [b[:10], b[10:]], False),  # adjacent views of one buffer (a flat gradient buffer)
+        (lambda b: [b[::2], b[1::2]], False),  # interleaved views share no element
+    ],
+    ids=["partial", "twice", "adjacent", "interleaved"],
+)
+def test_gradients_sharing_memory_are_refused_untouched(clip, views, shared):
+    """Two gradients that share elements would have them scaled twice (torch does so silently);
+    views of one buffer that share none, as in flat gradient buffers, are clipped normally."""
+    buffer = torch.arange(1.0, 21.0)
+    params = [_with_grad(v) for v in views(buffer)]
+    call = {
+        "clip_": lambda: fastclip.clip_(params, 0.1),
+        "clip_grads_with_norm_": lambda: fastclip.clip_grads_with_norm_(params, 0.1, torch.tensor(50.0)),
+        "clip_grad_value_": lambda: fastclip.clip_grad_value_(params, 0.1),
+    }[clip]
+    if shared:
+        with pytest.raises(ValueError, match="share memory"):
+            call()
+        assert torch.equal(buffer, torch.arange(1.0, 21.0))
+    else:
+        call()
+        assert not torch.equal(buffer, torch.arange(1.0, 21.0))
