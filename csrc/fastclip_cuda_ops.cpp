@@ -86,31 +86,19 @@ TableCache& table_cache() {
   return cache;
 }
 
-// The kernels' view of a list of CUDA tensors, as KernelTensors in fastclip_ops.cpp: dense tensors
-// in place, others through contiguous copies written back after scaling.
-struct CudaKernelTensors {
+// The CUDA kernels' view of a list of tensors (see DenseTensors), with each one's scale mode.
+struct CudaKernelTensors : DenseTensors {
   std::vector<cuda::GradEntry> grads;
-  std::vector<std::pair<at::Tensor, at::Tensor>> copies;  // (original, contiguous copy)
 
-  CudaKernelTensors(at::TensorList tensors, at::ScalarType coefficient_type) {
-    const at::Device device = tensors[0].device();
+  CudaKernelTensors(at::TensorList tensors, at::ScalarType coefficient_type)
+      : DenseTensors(tensors, tensors[0].device()) {
     grads.reserve(tensors.size());
-    for (const at::Tensor& t : tensors) {
-      TORCH_CHECK(t.device() == device, "fastclip: expected every tensor on ", device, ", got one on ", t.device());
-      TORCH_CHECK(t.layout() == at::kStrided, "fastclip: sparse gradients have no fused kernel");
-      at::Tensor dense = t;
-      if (!t.is_non_overlapping_and_dense()) {
-        dense = t.contiguous();
-        copies.emplace_back(t, dense);
-      }
+    for (size_t i = 0; i < tensors.size(); ++i) {
+      const at::Tensor& t = tensors[i];
       const auto mode = t.dim() == 0 && t.scalar_type() != coefficient_type ? cuda::ScaleMode::kPromoted
                                                                              : cuda::ScaleMode::kCoefficientInGradType;
-      grads.push_back({dense.data_ptr(), dense.numel(), kernel_dtype(t.scalar_type()), mode});
+      grads.push_back({dense[i].data_ptr(), dense[i].numel(), kernel_dtype(t.scalar_type()), mode});
     }
-  }
-
-  void write_back() {
-    for (auto& [original, copy] : copies) original.copy_(copy);
   }
 };
 

@@ -20,31 +20,17 @@
 namespace fastclip {
 namespace {
 
-// The kernels' view of a list of tensors. A non-overlapping, dense tensor (contiguous, transposed,
-// channels-last) is used in place as one flat span; any other layout is copied to a contiguous
-// buffer that is written back after scaling.
-struct KernelTensors {
+// The CPU kernels' view of a list of tensors (see DenseTensors).
+struct KernelTensors : DenseTensors {
   std::vector<cpu::TensorView> views;
-  std::vector<std::pair<at::Tensor, at::Tensor>> copies;  // (original, contiguous copy)
 
   // coefficient_type: the dtype of the clip coefficient the tensors will be scaled by.
-  KernelTensors(at::TensorList tensors, at::ScalarType coefficient_type) {
+  KernelTensors(at::TensorList tensors, at::ScalarType coefficient_type) : DenseTensors(tensors, at::kCPU) {
     views.reserve(tensors.size());
-    for (const at::Tensor& t : tensors) {
-      TORCH_CHECK(t.device().is_cpu(), "fastclip: expected CPU tensors, got one on ", t.device());
-      TORCH_CHECK(t.layout() == at::kStrided, "fastclip: sparse gradients have no fused kernel");
-      at::Tensor dense = t;
-      if (!t.is_non_overlapping_and_dense()) {
-        dense = t.contiguous();
-        copies.emplace_back(t, dense);
-      }
-      const bool scale_in_double = t.dim() == 0 && coefficient_type == at::kDouble;
-      views.push_back({dense.data_ptr(), dense.numel(), kernel_dtype(t.scalar_type()), scale_in_double});
+    for (size_t i = 0; i < tensors.size(); ++i) {
+      const bool scale_in_double = tensors[i].dim() == 0 && coefficient_type == at::kDouble;
+      views.push_back({dense[i].data_ptr(), dense[i].numel(), kernel_dtype(tensors[i].scalar_type()), scale_in_double});
     }
-  }
-
-  void write_back() {
-    for (auto& [original, copy] : copies) original.copy_(copy);
   }
 };
 

@@ -6,6 +6,8 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <utility>
+#include <vector>
 
 #include "common/clip_types.h"
 
@@ -44,5 +46,32 @@ inline void check_inf_norm_of_empty(at::TensorList tensors, Norm norm) {
                 "_foreach_norm cannot compute the infinity norm on an empty tensor because the operation does not "
                 "have an identity");
 }
+
+// The tensors as the kernels address them: each one flat span. A non-overlapping, dense tensor
+// (contiguous, transposed, channels-last) is used in place; any other layout is copied to a
+// contiguous buffer, which write_back() copies into the original after scaling.
+struct DenseTensors {
+  std::vector<at::Tensor> dense;
+  std::vector<std::pair<at::Tensor, at::Tensor>> copies;  // (original, contiguous copy)
+
+  // Every tensor must be strided and on `device`.
+  DenseTensors(at::TensorList tensors, const at::Device& device) {
+    dense.reserve(tensors.size());
+    for (const at::Tensor& t : tensors) {
+      TORCH_CHECK(t.device() == device, "fastclip: expected every tensor on ", device, ", got one on ", t.device());
+      TORCH_CHECK(t.layout() == at::kStrided, "fastclip: sparse gradients have no fused kernel");
+      if (t.is_non_overlapping_and_dense()) {
+        dense.push_back(t);
+      } else {
+        dense.push_back(t.contiguous());
+        copies.emplace_back(t, dense.back());
+      }
+    }
+  }
+
+  void write_back() {
+    for (auto& [original, copy] : copies) original.copy_(copy);
+  }
+};
 
 }  // namespace fastclip

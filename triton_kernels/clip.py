@@ -24,6 +24,8 @@ which E5 forbids; fp64 sums are never further).
 
 from __future__ import annotations
 
+import functools
+import operator
 import os
 import struct
 import threading
@@ -255,17 +257,25 @@ def _finalize_total(tensors_ptr, tensor_norms_ptr, total_ptr, coefficient_ptr, n
     total = _root(_reduce(acc, NORM), p, NORM, TOTAL_DTYPE, CPU_RULES)
     if CPU_RULES and num_tensors == 1:
         total = tl.abs(tl.load(tensor_norms_ptr, cache_modifier=".cg")).to(total.dtype)
-    if TOTAL_DTYPE == 3:
-        coefficient = (1.0 / (total + 1e-6)) * max_norm
-    else:
-        # torch: max_norm / (total + 1e-6) runs as reciprocal(total + 1e-6) * max_norm, each step
-        # rounded to the total's dtype, Python scalars entering as fp32.
+    if TOTAL_DTYPE != 3:
         total = _round_f32_to(total, TOTAL_DTYPE)
-        shifted = _round_f32_to(total + 1e-6, TOTAL_DTYPE)
+    tl.store(total_ptr, total.to(total_ptr.dtype.element_ty))
+    tl.store(coefficient_ptr, _clip_coefficient(total, max_norm, TOTAL_DTYPE))
+
+
+@triton.jit
+def _clip_coefficient(total, max_norm, TOTAL_DTYPE: tl.constexpr):
+    """min(max_norm / (total + 1e-6), 1) as fp64, total holding a TOTAL_DTYPE value. torch runs a
+    Python float divided by a tensor as reciprocal(total + 1e-6) * max_norm, each step rounded to
+    the tensor's dtype, Python scalars entering in its arithmetic (fp32, or fp64 for fp64); its
+    clamp keeps NaN."""
+    if TOTAL_DTYPE == 3:
+        coefficient = (1.0 / (total.to(tl.float64) + 1e-6)) * max_norm
+    else:
+        shifted = _round_f32_to(total.to(tl.float32) + 1e-6, TOTAL_DTYPE)
         reciprocal = _round_f32_to(tl.math.div_rn(1.0, shifted), TOTAL_DTYPE)
         coefficient = _round_f32_to(reciprocal * max_norm.to(tl.float32), TOTAL_DTYPE).to(tl.float64)
-    tl.store(total_ptr, total.to(total_ptr.dtype.element_ty))
-    tl.store(coefficient_ptr, tl.where(coefficient > 1.0, 1.0, coefficient))  # clamp; NaN stays
+    return tl.where(coefficient > 1.0, 1.0, coefficient)
 
 
 @triton.jit
@@ -368,15 +378,8 @@ def _scale_kernel(chunks_ptr, tensors_ptr, coefficient_ptr, COEFFICIENT_DTYPE: t
 @triton.jit
 def _coefficient_kernel(total_ptr, coefficient_ptr, max_norm_bits, TOTAL_DTYPE: tl.constexpr):
     """The coefficient for a given total norm (clip_grads_with_norm_), on the device."""
-    total = tl.load(total_ptr).to(tl.float64)
     max_norm = max_norm_bits.to(tl.float64, bitcast=True)
-    if TOTAL_DTYPE == 3:
-        coefficient = (1.0 / (total + 1e-6)) * max_norm
-    else:
-        shifted = _round_f32_to(total.to(tl.float32) + 1e-6, TOTAL_DTYPE)
-        reciprocal = _round_f32_to(tl.math.div_rn(1.0, shifted), TOTAL_DTYPE)
-        coefficient = _round_f32_to(reciprocal * max_norm.to(tl.float32), TOTAL_DTYPE).to(tl.float64)
-    tl.store(coefficient_ptr, tl.where(coefficient > 1.0, 1.0, coefficient))
+    tl.store(coefficient_ptr, _clip_coefficient(tl.load(total_ptr), max_norm, TOTAL_DTYPE))
 
 
 # A small autotune space for the memory-bound reduction, keyed on the total size (not on the list
@@ -430,11 +433,10 @@ def _scale_mode(t: torch.Tensor, coefficient_dtype: torch.dtype) -> int:
     return SCALE_COEFFICIENT_IN_GRAD_DTYPE if t.device.type == "cuda" else SCALE_COEFFICIENT_IN_MATH_TYPE
 
 
-def _tables_for(tensors: list[torch.Tensor], coefficient_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(chunk table, tensor table, number of non-empty tensors) for dense tensors, cached."""
-    num_nonempty = sum(t.numel() > 0 for t in tensors)
+def _tables_for(tensors: list[torch.Tensor], coefficient_dtype: torch.dtype, numels: list[int]):
+    """(chunk table, tensor table, number of chunks) for dense tensors with these numels, cached."""
     chunks, table = torch.ops.fastclip_triton.gradient_tables(tensors, DTYPE_TAGS[coefficient_dtype])
-    return chunks, table, num_nonempty
+    return chunks, table, (chunks.shape[0] if any(numels) else 0)
 
 
 # Reading addresses is opaque to torch.compile (a traced tensor has none), so the tables come from
@@ -487,7 +489,7 @@ def _dense(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[tuple[
     others; returns (dense tensors, (original, copy) pairs to write back after scaling)."""
     dense, copies = [], []
     for t in tensors:
-        if _is_non_overlapping_and_dense(t):
+        if t.is_contiguous() or _is_non_overlapping_and_dense(t):
             dense.append(t)
         else:
             c = t.contiguous()
@@ -514,36 +516,33 @@ def _norm_kind(norm_type: float) -> int:
     raise ValueError(f"fastclip_triton: norm_type {norm_type} has no kernel (only p > 0 and inf)")
 
 
-def _total_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
-    dtype = tensors[0].dtype
-    for t in tensors[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
-
-
-def _check(tensors: list[torch.Tensor], what: str) -> None:
+def _checked_total_dtype(tensors: list[torch.Tensor], what: str) -> torch.dtype:
+    """Checks that the kernels can serve ``tensors`` (one device, float dtypes, strided) and returns
+    the total norm's dtype, the promotion of theirs. Sets built in C: this runs on every call."""
     if not tensors:
         raise ValueError(f"fastclip_triton: {what} needs at least one tensor")
-    device = tensors[0].device
-    for t in tensors:
-        if t.device != device:
-            raise ValueError(f"fastclip_triton: expected every tensor on {device}, got one on {t.device}")
-        if t.dtype not in DTYPE_TAGS or t.layout != torch.strided:
-            raise ValueError(f"fastclip_triton: no kernel for {t.dtype} / {t.layout} tensors")
+    devices = set(map(operator.attrgetter("device"), tensors))
+    if len(devices) > 1:
+        raise ValueError(f"fastclip_triton: expected the tensors on one device, got {sorted(map(str, devices))}")
+    dtypes = set(map(operator.attrgetter("dtype"), tensors))
+    layouts = set(map(operator.attrgetter("layout"), tensors))
+    if not dtypes <= DTYPE_TAGS.keys() or layouts != {torch.strided}:
+        raise ValueError(f"fastclip_triton: no kernel for {sorted(map(str, dtypes))} / {sorted(map(str, layouts))} tensors")
+    return functools.reduce(torch.promote_types, dtypes)
 
 
-def _run_norm(tensors: list[torch.Tensor], norm_type: float, max_norm: float, coefficient_dtype: torch.dtype):
-    """Launch 1. Returns (total norm tensor, coefficient tensor, tables)."""
+def _run_norm(tensors: list[torch.Tensor], norm_type: float, max_norm: float, total_dtype: torch.dtype):
+    """Launch 1. Returns (total norm tensor, coefficient tensor, tables); the coefficient has the
+    total norm's dtype."""
     kind = _norm_kind(norm_type)
-    if kind == NORM_INF and any(t.numel() == 0 for t in tensors):
+    numels = list(map(torch.Tensor.numel, tensors))
+    if kind == NORM_INF and 0 in numels:
         raise RuntimeError(
             "_foreach_norm cannot compute the infinity norm on an empty tensor because the operation does not "
             "have an identity"
         )
     device = tensors[0].device
-    total_dtype = _total_dtype(tensors)
-    chunks, table, num_nonempty = _tables_for(tensors, coefficient_dtype)
-    num_chunks = chunks.shape[0] if num_nonempty else 0
+    chunks, table, num_chunks = _tables_for(tensors, total_dtype, numels)
     total = torch.empty((), dtype=total_dtype, device=device)
     coefficient = torch.empty((), dtype=torch.float64, device=device)
     if num_chunks == 0:  # only empty tensors: norm 0, coefficient min(max_norm / 1e-6, 1) = 1
@@ -554,8 +553,8 @@ def _run_norm(tensors: list[torch.Tensor], norm_type: float, max_norm: float, co
     tensor_norms = torch.empty(len(tensors), dtype=torch.float64, device=device)
     counters = torch.zeros(len(tensors) + 1, dtype=torch.int32, device=device)
     wrap_triton(_norm_kernel_tuned)[(num_chunks,)](
-        chunks, table, partials, tensor_norms, counters, total, coefficient, len(tensors), num_nonempty,
-        _float_bits(float(norm_type)), _float_bits(float(max_norm)), sum(t.numel() for t in tensors),
+        chunks, table, partials, tensor_norms, counters, total, coefficient, len(tensors),
+        len(numels) - numels.count(0), _float_bits(float(norm_type)), _float_bits(float(max_norm)), sum(numels),
         NORM=kind, TOTAL_DTYPE=DTYPE_TAGS[total_dtype], CPU_RULES=device.type == "cpu",
         BARRIER=not INTERPRETING, enable_fp_fusion=True,  # fused multiply-adds in the sums: fine for E5
     )
@@ -575,20 +574,19 @@ def _run_scale(tables, coefficient: torch.Tensor, coefficient_dtype: torch.dtype
 @triton_op("fastclip_triton::total_norm", mutates_args=())
 def total_norm(tensors: list[torch.Tensor], norm_type: float) -> torch.Tensor:
     """The total ``norm_type``-norm of ``tensors``, in the promoted dtype, as torch computes it."""
-    _check(tensors, "total_norm")
+    total_dtype = _checked_total_dtype(tensors, "total_norm")
     dense, _ = _dense(tensors)
-    total, _, _ = _run_norm(dense, norm_type, 1.0, _total_dtype(tensors))
+    total, _, _ = _run_norm(dense, norm_type, 1.0, total_dtype)
     return total
 
 
 @triton_op("fastclip_triton::clip_", mutates_args={"grads"})
 def clip_(grads: list[torch.Tensor], max_norm: float, norm_type: float) -> torch.Tensor:
     """Clips ``grads`` in place by their total norm, which it returns (two launches)."""
-    _check(grads, "clip_")
+    total_dtype = _checked_total_dtype(grads, "clip_")
     dense, copies = _dense(grads)
-    coefficient_dtype = _total_dtype(grads)
-    total, coefficient, tables = _run_norm(dense, norm_type, max_norm, coefficient_dtype)
-    _run_scale(tables, coefficient, coefficient_dtype)
+    total, coefficient, tables = _run_norm(dense, norm_type, max_norm, total_dtype)
+    _run_scale(tables, coefficient, total_dtype)
     for original, copy in copies:  # whether anything was scaled is known only on the device
         original.copy_(copy)
     return total
@@ -597,7 +595,7 @@ def clip_(grads: list[torch.Tensor], max_norm: float, norm_type: float) -> torch
 @triton_op("fastclip_triton::scale_with_norm_", mutates_args={"grads"})
 def scale_with_norm_(grads: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> None:
     """Scales ``grads`` in place by ``min(max_norm / (total_norm + 1e-6), 1)`` (two launches)."""
-    _check(grads, "scale_with_norm_")
+    _checked_total_dtype(grads, "scale_with_norm_")
     if total_norm.numel() != 1 or total_norm.dtype not in DTYPE_TAGS:
         raise ValueError("fastclip_triton: total_norm must be a one-element float tensor")
     dense, copies = _dense(grads)
@@ -605,7 +603,6 @@ def scale_with_norm_(grads: list[torch.Tensor], max_norm: float, total_norm: tor
     coefficient = torch.empty((), dtype=torch.float64, device=grads[0].device)
     wrap_triton(_coefficient_kernel)[(1,)](total, coefficient, _float_bits(float(max_norm)),
                                           TOTAL_DTYPE=DTYPE_TAGS[total.dtype], enable_fp_fusion=False)
-    chunks, table, num_nonempty = _tables_for(dense, total.dtype)
-    _run_scale((chunks, table, chunks.shape[0] if num_nonempty else 0), coefficient, total.dtype)
+    _run_scale(_tables_for(dense, total.dtype, list(map(torch.Tensor.numel, dense))), coefficient, total.dtype)
     for original, copy in copies:
         original.copy_(copy)

@@ -91,29 +91,21 @@ inline f64x8 widen(f32x8 v) {
 
 // Element types: how stored elements load into their arithmetic type (float, or double for fp64,
 // as torch's opmath) and store back, one at a time and eight at a time.
-struct F32 {
-  using Storage = float;
-  using Math = float;
-  using MathX8 = f32x8;
-  static float load(float x) { return x; }
-  static float store(float v) { return v; }
+// fp32 and fp64: stored in their own arithmetic type, no conversion.
+template <class T, class VectorT>
+struct NativeFloat {
+  using Storage = T;
+  using Math = T;
+  using MathX8 = VectorT;
+  static T load(T x) { return x; }
+  static T store(T v) { return v; }
   template <Isa I>
-  static f32x8 load8(const float* p) { return load_vector<f32x8>(p); }
+  static VectorT load8(const T* p) { return load_vector<VectorT>(p); }
   template <Isa I>
-  static void store8(float* p, f32x8 v) { store_vector(p, v); }
+  static void store8(T* p, VectorT v) { store_vector(p, v); }
 };
-
-struct F64 {
-  using Storage = double;
-  using Math = double;
-  using MathX8 = f64x8;
-  static double load(double x) { return x; }
-  static double store(double v) { return v; }
-  template <Isa I>
-  static f64x8 load8(const double* p) { return load_vector<f64x8>(p); }
-  template <Isa I>
-  static void store8(double* p, f64x8 v) { store_vector(p, v); }
-};
+using F32 = NativeFloat<float, f32x8>;
+using F64 = NativeFloat<double, f64x8>;
 
 struct F16 {
   using Storage = uint16_t;

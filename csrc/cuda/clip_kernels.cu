@@ -55,22 +55,12 @@ struct BF16 {
   __device__ static __nv_bfloat16 store(float v) { return __float2bfloat16_rn(v); }
 };
 
-// The table's arrays and the call's arguments, passed to every kernel by value.
+// The call's arguments and the table's arrays, passed to every kernel by value.
 struct Params {
+  ClipArgs args;
   const GradEntry* grads;
   const ChunkEntry* chunks;
   const int64_t* first_chunk;
-  int64_t num_tensors;
-  int64_t num_chunks;
-  double p;
-  DType total_dtype;
-  double max_norm;
-  bool compute_norm;
-  bool scale;
-  void* total_out;
-  const void* given_total;
-  DType given_total_dtype;
-  Scratch scratch;
 };
 
 // max that propagates NaN, like torch's inf norm: once the running value is NaN it stays NaN.
@@ -196,17 +186,17 @@ __device__ double reduce_chunk(const GradEntry& grad, const ChunkEntry& chunk, d
 // Phase 1: one partial per chunk, chunks spread over the grid.
 template <NormKind K>
 __device__ void reduce_chunks(const Params& params) {
-  for (int64_t c = blockIdx.x; c < params.num_chunks; c += gridDim.x) {
+  for (int64_t c = blockIdx.x; c < params.args.layout.num_chunks; c += gridDim.x) {
     const ChunkEntry chunk = params.chunks[c];
     const GradEntry grad = params.grads[chunk.tensor];
     double partial = 0.0;
     switch (grad.dtype) {
-      case DType::kFloat32: partial = reduce_chunk<K, F32>(grad, chunk, params.p); break;
-      case DType::kFloat64: partial = reduce_chunk<K, F64>(grad, chunk, params.p); break;
-      case DType::kFloat16: partial = reduce_chunk<K, F16>(grad, chunk, params.p); break;
-      case DType::kBFloat16: partial = reduce_chunk<K, BF16>(grad, chunk, params.p); break;
+      case DType::kFloat32: partial = reduce_chunk<K, F32>(grad, chunk, params.args.norm.p); break;
+      case DType::kFloat64: partial = reduce_chunk<K, F64>(grad, chunk, params.args.norm.p); break;
+      case DType::kFloat16: partial = reduce_chunk<K, F16>(grad, chunk, params.args.norm.p); break;
+      case DType::kBFloat16: partial = reduce_chunk<K, BF16>(grad, chunk, params.args.norm.p); break;
     }
-    if (threadIdx.x == 0) params.scratch.partials[c] = partial;
+    if (threadIdx.x == 0) params.args.scratch.partials[c] = partial;
   }
 }
 
@@ -231,34 +221,34 @@ template <NormKind K, class Acc>
 __device__ double tensor_norm(const Params& params, int64_t t, DType dtype) {
   Acc acc = 0;
   for (int64_t c = params.first_chunk[t]; c < params.first_chunk[t + 1]; ++c)
-    acc = combine<K, Acc>(acc, static_cast<Acc>(params.scratch.partials[c]));
-  return round_to(dtype, finish<K, Acc>(acc, static_cast<Acc>(params.p)));
+    acc = combine<K, Acc>(acc, static_cast<Acc>(params.args.scratch.partials[c]));
+  return round_to(dtype, finish<K, Acc>(acc, static_cast<Acc>(params.args.norm.p)));
 }
 
 // The total norm of the per-tensor norms in Acc (the total dtype's arithmetic), valid in thread 0.
 template <NormKind K, class Acc>
 __device__ double total_of_norms(const Params& params) {
   Acc acc = 0;
-  for (int64_t t = threadIdx.x; t < params.num_tensors; t += kThreads)
-    acc = accumulate<K, Acc>(acc, static_cast<Acc>(params.scratch.tensor_norms[t]), static_cast<Acc>(params.p));
+  for (int64_t t = threadIdx.x; t < params.args.layout.num_tensors; t += kThreads)
+    acc = accumulate<K, Acc>(acc, static_cast<Acc>(params.args.scratch.tensor_norms[t]), static_cast<Acc>(params.args.norm.p));
   acc = block_reduce<K, Acc>(acc);
-  return round_to(params.total_dtype, finish<K, Acc>(acc, static_cast<Acc>(params.p)));
+  return round_to(params.args.total_dtype, finish<K, Acc>(acc, static_cast<Acc>(params.args.norm.p)));
 }
 
 // Run by one block once every partial is written: per-tensor norms, total, coefficient.
 template <NormKind K>
 __device__ void finalize(const Params& params) {
-  for (int64_t t = threadIdx.x; t < params.num_tensors; t += kThreads) {
+  for (int64_t t = threadIdx.x; t < params.args.layout.num_tensors; t += kThreads) {
     const DType dtype = params.grads[t].dtype;
-    params.scratch.tensor_norms[t] =
+    params.args.scratch.tensor_norms[t] =
         dtype == DType::kFloat64 ? tensor_norm<K, double>(params, t, dtype) : tensor_norm<K, float>(params, t, dtype);
   }
   __syncthreads();
-  const double total = params.total_dtype == DType::kFloat64 ? total_of_norms<K, double>(params)
+  const double total = params.args.total_dtype == DType::kFloat64 ? total_of_norms<K, double>(params)
                                                              : total_of_norms<K, float>(params);
   if (threadIdx.x == 0) {
-    store_scalar(params.total_out, params.total_dtype, total);
-    *params.scratch.coefficient = clip_coefficient(total, params.max_norm, params.total_dtype);
+    store_scalar(params.args.total_out, params.args.total_dtype, total);
+    *params.args.scratch.coefficient = clip_coefficient(total, params.args.max_norm, params.args.total_dtype);
   }
 }
 
@@ -305,7 +295,7 @@ __device__ void scale_chunk(const GradEntry& grad, const ChunkEntry& chunk, doub
 // Phase 2. The coefficient is the same in every block, so either all blocks return or none does.
 __device__ void scale_chunks(const Params& params, double coefficient, DType coefficient_dtype) {
   if (coefficient == 1.0) return;  // x * 1 == x for every x: skip the read and the write
-  for (int64_t c = blockIdx.x; c < params.num_chunks; c += gridDim.x) {
+  for (int64_t c = blockIdx.x; c < params.args.layout.num_chunks; c += gridDim.x) {
     const ChunkEntry chunk = params.chunks[c];
     const GradEntry grad = params.grads[chunk.tensor];
     switch (grad.dtype) {
@@ -318,25 +308,25 @@ __device__ void scale_chunks(const Params& params, double coefficient, DType coe
 }
 
 __device__ void scale_by_given_or_computed(const Params& params) {
-  if (params.compute_norm) {
-    scale_chunks(params, *params.scratch.coefficient, params.total_dtype);
+  if (params.args.compute_norm) {
+    scale_chunks(params, *params.args.scratch.coefficient, params.args.total_dtype);
   } else {
-    const double total = load_scalar(params.given_total, params.given_total_dtype);
-    scale_chunks(params, clip_coefficient(total, params.max_norm, params.given_total_dtype), params.given_total_dtype);
+    const double total = load_scalar(params.args.given_total, params.args.given_total_dtype);
+    scale_chunks(params, clip_coefficient(total, params.args.max_norm, params.args.given_total_dtype), params.args.given_total_dtype);
   }
 }
 
 // The single-launch kernel: grid = co-resident blocks, so grid.sync() is legal.
 template <NormKind K>
 __global__ void __launch_bounds__(kThreads) clip_cooperative_kernel(Params params) {
-  if (params.compute_norm) {
+  if (params.args.compute_norm) {
     const cg::grid_group grid = cg::this_grid();
     reduce_chunks<K>(params);
     grid.sync();
     if (blockIdx.x == 0) finalize<K>(params);
     grid.sync();
   }
-  if (params.scale) scale_by_given_or_computed(params);
+  if (params.args.scale) scale_by_given_or_computed(params);
 }
 
 // Fallback, launch 1: partials, then the last block to finish finalizes and resets the counter.
@@ -345,12 +335,12 @@ __global__ void __launch_bounds__(kThreads) norm_kernel(Params params) {
   reduce_chunks<K>(params);
   __shared__ bool is_last_block;
   __threadfence();  // this block's partial is visible before it is counted
-  if (threadIdx.x == 0) is_last_block = atomicAdd(params.scratch.arrival_counter, 1u) == gridDim.x - 1;
+  if (threadIdx.x == 0) is_last_block = atomicAdd(params.args.scratch.arrival_counter, 1u) == gridDim.x - 1;
   __syncthreads();
   if (!is_last_block) return;
   __threadfence();
   finalize<K>(params);
-  if (threadIdx.x == 0) *params.scratch.arrival_counter = 0;  // ready for the next call or graph replay
+  if (threadIdx.x == 0) *params.args.scratch.arrival_counter = 0;  // ready for the next call or graph replay
 }
 
 // Fallback, launch 2 (and the only launch of scale-by-a-given-norm).
@@ -414,22 +404,8 @@ cudaError_t device_info(int device, const DeviceInfo** out) {
 
 Params make_params(const ClipArgs& args) {
   const auto* base = static_cast<const char*>(args.table);
-  Params params{};
-  params.grads = reinterpret_cast<const GradEntry*>(base);
-  params.chunks = reinterpret_cast<const ChunkEntry*>(base + args.layout.chunks_offset);
-  params.first_chunk = reinterpret_cast<const int64_t*>(base + args.layout.first_chunk_offset);
-  params.num_tensors = args.layout.num_tensors;
-  params.num_chunks = args.layout.num_chunks;
-  params.p = args.norm.p;
-  params.total_dtype = args.total_dtype;
-  params.max_norm = args.max_norm;
-  params.compute_norm = args.compute_norm;
-  params.scale = args.scale;
-  params.total_out = args.total_out;
-  params.given_total = args.given_total;
-  params.given_total_dtype = args.given_total_dtype;
-  params.scratch = args.scratch;
-  return params;
+  return {args, reinterpret_cast<const GradEntry*>(base), reinterpret_cast<const ChunkEntry*>(base + args.layout.chunks_offset),
+          reinterpret_cast<const int64_t*>(base + args.layout.first_chunk_offset)};
 }
 
 }  // namespace
@@ -467,7 +443,7 @@ cudaError_t launch(const ClipArgs& args, cudaStream_t stream) {
   Params params = make_params(args);
   const int kind = static_cast<int>(args.norm.kind);
   // Enough blocks to fill the GPU, never more than there are chunks (at least one: finalize).
-  const int64_t wanted = params.num_chunks > 0 ? params.num_chunks : 1;
+  const int64_t wanted = args.layout.num_chunks > 0 ? args.layout.num_chunks : 1;
   const int resident = info->resident_blocks[kind];
   if (args.compute_norm && info->cooperative && resident > 0) {
     const dim3 grid(static_cast<unsigned>(wanted < resident ? wanted : resident));
