@@ -201,7 +201,10 @@ def assert_norm_error_bound(norm: torch.Tensor, torch_norm: torch.Tensor, tensor
     fp32: the per-tensor norms of the other dtypes accumulate in fp32)."""
     assert norm.dtype == torch_norm.dtype, f"[E5] norm dtype {norm.dtype} != torch's {torch_norm.dtype}"
     truth = reference_norm(tensors, float(norm_type))
-    if not math.isfinite(truth):
+    if not math.isfinite(truth):  # no error to bound, but inf must stay inf and NaN NaN
+        assert float(norm) == truth or (math.isnan(float(norm)) and math.isnan(truth)), (
+            f"[E5] norm {float(norm)!r}, reference {truth!r}, torch {float(torch_norm)!r}"
+        )
         return
     all_fp64 = all(t.dtype == torch.float64 for t in tensors)
     accumulation_eps = torch.finfo(torch.float64 if all_fp64 else torch.float32).eps

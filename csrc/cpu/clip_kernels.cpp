@@ -90,8 +90,10 @@ inline double reduce_span(const typename E::Storage* x, int64_t n, double p) {
   }
   double result = 0.0;
   for (; i < n; ++i) result = accumulate<K>(result, static_cast<double>(E::load(x[i])), p);
+  // A lane that reached inf has a NaN compensation (inf - inf): its sum is inf, and must stay so.
   for (int v = 0; v < kVectors; ++v)
-    for (int l = 0; l < kLanes; ++l) result = combine<K>(result, lanes[v][l] + compensation[v][l]);
+    for (int l = 0; l < kLanes; ++l)
+      result = combine<K>(result, std::isinf(lanes[v][l]) ? lanes[v][l] : lanes[v][l] + compensation[v][l]);
   return result;
 }
 
