@@ -144,14 +144,22 @@ at::Tensor run(at::TensorList tensors, const Norm& norm, at::ScalarType total_ty
   return total;
 }
 
-at::Tensor total_norm_cuda(at::TensorList tensors, double norm_type) {
+// The CUDA kernel has no overflow-safe variant yet; the Python backend routes such calls to the
+// Triton kernels, so this is reached only by a direct torch.ops.fastclip call.
+void check_not_overflow_safe(bool overflow_safe) {
+  TORCH_CHECK(!overflow_safe, "fastclip: the CUDA kernel has no overflow_safe variant (use the Triton backend)");
+}
+
+at::Tensor total_norm_cuda(at::TensorList tensors, double norm_type, bool overflow_safe) {
+  check_not_overflow_safe(overflow_safe);
   TORCH_CHECK(!tensors.empty(), "fastclip: total_norm needs at least one tensor");
   const Norm norm = kernel_norm(norm_type);
   check_inf_norm_of_empty(tensors, norm);
   return run(tensors, norm, total_norm_type(tensors), 0.0, /*compute_norm=*/true, /*scale=*/false, nullptr);
 }
 
-at::Tensor clip_cuda(at::TensorList grads, double max_norm, double norm_type) {
+at::Tensor clip_cuda(at::TensorList grads, double max_norm, double norm_type, bool overflow_safe) {
+  check_not_overflow_safe(overflow_safe);
   TORCH_CHECK(!grads.empty(), "fastclip: clip_ needs at least one gradient");
   const Norm norm = kernel_norm(norm_type);
   check_inf_norm_of_empty(grads, norm);

@@ -42,10 +42,22 @@ const cpu::ParallelFor& aten_parallel_for() {
   return parallel_for;
 }
 
-at::Tensor total_norm_cpu(at::TensorList tensors, double norm_type) {
+// The overflow-safe total norm (cpu::overflow_safe_norm) rounded to its dtype, which is that of
+// torch's total norm widened to at least float32 (see overflow_safe_total_type).
+at::Tensor overflow_safe_total(const KernelTensors& kernel_tensors, Norm norm, at::ScalarType type) {
+  const double total = cpu::overflow_safe_norm(kernel_tensors.views.data(), kernel_tensors.views.size(), norm,
+                                               aten_parallel_for());
+  return at::scalar_tensor(total, at::TensorOptions().dtype(at::kDouble)).to(type);
+}
+
+at::Tensor total_norm_cpu(at::TensorList tensors, double norm_type, bool overflow_safe) {
   TORCH_CHECK(!tensors.empty(), "fastclip: total_norm needs at least one tensor");
   const Norm norm = kernel_norm(norm_type);
   check_inf_norm_of_empty(tensors, norm);
+  if (overflow_safe) {
+    const at::ScalarType type = overflow_safe_total_type(tensors);
+    return overflow_safe_total(KernelTensors(tensors, type), norm, type);
+  }
   const at::ScalarType total_type = total_norm_type(tensors);
   KernelTensors kernel_tensors(tensors, total_type);
   std::vector<double> norms(tensors.size());
@@ -54,10 +66,19 @@ at::Tensor total_norm_cpu(at::TensorList tensors, double norm_type) {
   return at::scalar_tensor(total, at::TensorOptions().dtype(total_type));
 }
 
-at::Tensor clip_cpu(at::TensorList grads, double max_norm, double norm_type) {
+at::Tensor clip_cpu(at::TensorList grads, double max_norm, double norm_type, bool overflow_safe) {
   TORCH_CHECK(!grads.empty(), "fastclip: clip_ needs at least one gradient");
   const Norm norm = kernel_norm(norm_type);
   check_inf_norm_of_empty(grads, norm);
+  if (overflow_safe) {
+    const at::ScalarType type = overflow_safe_total_type(grads);
+    KernelTensors kernel_tensors(grads, type);
+    at::Tensor total = overflow_safe_total(kernel_tensors, norm, type);
+    const double coefficient = cpu::clip_coefficient(total.item<double>(), max_norm, kernel_dtype(type));
+    cpu::scale(kernel_tensors.views.data(), kernel_tensors.views.size(), coefficient, aten_parallel_for());
+    if (coefficient != 1.0) kernel_tensors.write_back();
+    return total;
+  }
   const at::ScalarType total_type = total_norm_type(grads);
   KernelTensors kernel_tensors(grads, total_type);
   const cpu::ClipResult result = cpu::clip(kernel_tensors.views.data(), kernel_tensors.views.size(), norm,
@@ -78,8 +99,8 @@ void scale_with_norm_cpu(at::TensorList grads, double max_norm, const at::Tensor
 }  // namespace
 
 TORCH_LIBRARY(fastclip, m) {
-  m.def("total_norm(Tensor[] tensors, float norm_type) -> Tensor");
-  m.def("clip_(Tensor(a!)[] grads, float max_norm, float norm_type) -> Tensor");
+  m.def("total_norm(Tensor[] tensors, float norm_type, bool overflow_safe=False) -> Tensor");
+  m.def("clip_(Tensor(a!)[] grads, float max_norm, float norm_type, bool overflow_safe=False) -> Tensor");
   m.def("scale_with_norm_(Tensor(a!)[] grads, float max_norm, Tensor total_norm) -> ()");
 }
 

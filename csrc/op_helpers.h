@@ -38,6 +38,12 @@ inline at::ScalarType total_norm_type(at::TensorList tensors) {
   return type;
 }
 
+// The dtype of an overflow-safe total norm: torch's, widened to at least float32, since the norm of
+// fp16 gradients readily exceeds fp16's range (65504) and the point is a finite norm.
+inline at::ScalarType overflow_safe_total_type(at::TensorList tensors) {
+  return at::promote_types(total_norm_type(tensors), at::kFloat);
+}
+
 // torch's _foreach_norm refuses the inf norm of an empty tensor; so does fastclip, with its message.
 inline void check_inf_norm_of_empty(at::TensorList tensors, Norm norm) {
   if (norm.kind != NormKind::kInf) return;

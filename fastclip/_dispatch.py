@@ -34,19 +34,27 @@ def _requested(backend: str) -> str:
 
 
 def _reason_not_served(
-    backend: Backend, tensors: list[torch.Tensor], norm_type: float | None, summary: TensorSummary
+    backend: Backend, tensors: list[torch.Tensor], norm_type: float | None, summary: TensorSummary,
+    overflow_safe: bool,
 ) -> str | None:
     if backend.name == "torch" or not tensors:
         return None
     if len(summary.devices) > 1:
         return f"the tensors are on several devices ({', '.join(sorted(map(str, summary.devices)))})"
-    return backend.unavailable_reason(next(iter(summary.devices))) or backend.unsupported_reason(
-        tensors, norm_type, summary
+    device = next(iter(summary.devices))
+    return (
+        backend.unavailable_reason(device)
+        or backend.unsupported_reason(tensors, norm_type, summary)
+        or (backend.overflow_safe_refusal(device) if overflow_safe else None)
     )
 
 
 def select_backend(
-    backend: str, tensors: list[torch.Tensor], norm_type: float | None, summary: TensorSummary | None = None
+    backend: str,
+    tensors: list[torch.Tensor],
+    norm_type: float | None,
+    summary: TensorSummary | None = None,
+    overflow_safe: bool = False,
 ) -> Backend:
     """The backend that runs this call.
 
@@ -55,6 +63,7 @@ def select_backend(
         tensors: the gradients (or tensors) the call works on; may be empty.
         norm_type: the parsed norm type, or None for operations without a norm.
         summary: :func:`fastclip._inputs.summarize` of ``tensors``, if the caller has it.
+        overflow_safe: whether the call asks for the overflow-safe norm.
 
     Returns:
         The chosen :class:`~fastclip.backends.Backend`.
@@ -66,13 +75,13 @@ def select_backend(
     name = _requested(backend)
     summary = summary or summarize(tensors)
     if name != "auto":
-        reason = _reason_not_served(BACKENDS[name], tensors, norm_type, summary)
+        reason = _reason_not_served(BACKENDS[name], tensors, norm_type, summary, overflow_safe)
         if reason is not None:
             raise ValueError(f"fastclip backend {name!r} cannot serve this call: {reason}")
         return BACKENDS[name]
     device_type = tensors[0].device.type if tensors else "cpu"
     for candidate in _AUTO_ORDER.get(device_type, ("torch",)):
-        if _reason_not_served(BACKENDS[candidate], tensors, norm_type, summary) is None:
+        if _reason_not_served(BACKENDS[candidate], tensors, norm_type, summary, overflow_safe) is None:
             return BACKENDS[candidate]
     return BACKENDS["torch"]
 

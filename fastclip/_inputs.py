@@ -141,6 +141,21 @@ def parse_norm_type(norm_type) -> float:
     return value
 
 
+def parse_flag(value: bool, arg_name: str) -> bool:
+    """A keyword that must be a real bool (a tensor or a string would be truthy by accident)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{arg_name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def parse_overflow_safe(overflow_safe: bool, norm_type: float) -> bool:
+    """``overflow_safe``, which scales sums of powers of large values: p > 0 and inf only (p <= 0
+    and -inf norms have no such sums, or overflow on small values instead)."""
+    if parse_flag(overflow_safe, "overflow_safe") and not norm_type > 0:
+        raise ValueError(f"overflow_safe=True needs norm_type > 0 or inf, got {norm_type}")
+    return overflow_safe
+
+
 def parse_max_norm(max_norm, arg_name: str = "max_norm") -> float:
     """``max_norm`` (a float or a 0-dim tensor) as a Python float, as torch converts it.
 

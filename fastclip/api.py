@@ -15,6 +15,7 @@ from fastclip._inputs import (
     as_tensor_list,
     check_gradients,
     grads_of,
+    parse_overflow_safe,
     parse_max_norm,
     parse_norm_type,
     summarize,
@@ -39,6 +40,7 @@ def clip_(
     error_if_nonfinite: bool = False,
     foreach: bool | None = None,
     *,
+    overflow_safe: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
     r"""Clip the gradient norm of an iterable of parameters, in place: a drop-in for
@@ -58,12 +60,21 @@ def clip_(
             is NaN or infinite. Costs one host-device synchronisation. Default: False
         foreach (bool, optional): passed to the ``"torch"`` backend, as in torch; fused backends
             are always multi-tensor and ignore it. Default: None
+        overflow_safe (bool): if True, compute the norm without overflow or underflow: each chunk
+            of a gradient is scaled by a power of two near its largest magnitude before its
+            powers are summed (as BLAS ``nrm2`` does), so gradients of 1e20 or 1e-25 in fp32 get
+            their true, finite norm and are clipped with their direction kept, where torch's
+            squares overflow to an infinite norm (and a coefficient of 0). The norm is that of
+            all elements as one vector, not rounded per gradient, and its dtype is torch's widened
+            to at least float32. Needs ``norm_type`` > 0 or ``inf``. Default: False (torch's
+            results)
         backend (str): ``"auto"`` (default; overridden by ``FASTCLIP_BACKEND``), ``"torch"``,
             ``"cpp"`` or ``"triton"``. A named backend that cannot serve the call raises.
 
     Returns:
         Total norm of the gradients before clipping (viewed as a single vector), a 0-dim tensor
-        with the dtype and device torch's ``clip_grad_norm_`` would return.
+        with the dtype and device torch's ``clip_grad_norm_`` would return (at least float32 with
+        ``overflow_safe``).
     """
     parameters = as_tensor_list(parameters, "parameters", warn_empty_generator=True)
     max_norm = parse_max_norm(max_norm)
@@ -71,15 +82,16 @@ def clip_(
     grads = grads_of(parameters)
     summary = summarize(grads)
     check_gradients(grads, summary, "parameters", written=True)
-    impl = select_backend(backend, grads, norm_type, summary)
+    overflow_safe = parse_overflow_safe(overflow_safe, norm_type)
+    impl = select_backend(backend, grads, norm_type, summary, overflow_safe)
     if not grads:
         return torch.tensor(0.0)
     if error_if_nonfinite:
-        total_norm = impl.get_total_norm(grads, norm_type, foreach)
+        total_norm = impl.get_total_norm(grads, norm_type, foreach, overflow_safe)
         _raise_if_nonfinite(total_norm, norm_type)
         impl.clip_grads_with_norm_(grads, max_norm, total_norm, foreach)
         return total_norm
-    return impl.clip_(grads, max_norm, norm_type, foreach)
+    return impl.clip_(grads, max_norm, norm_type, foreach, overflow_safe)
 
 
 @torch.no_grad()
@@ -89,6 +101,7 @@ def get_total_norm(
     error_if_nonfinite: bool = False,
     foreach: bool | None = None,
     *,
+    overflow_safe: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
     r"""Compute the norm of an iterable of tensors: a drop-in for :func:`torch.nn.utils.get_total_norm`.
@@ -98,6 +111,7 @@ def get_total_norm(
         norm_type (float or str): type of the p-norm, as in :func:`clip_`. Default: 2.0
         error_if_nonfinite (bool): if True, raise when the norm is NaN or infinite. Default: False
         foreach (bool, optional): as in :func:`clip_`. Default: None
+        overflow_safe (bool): as in :func:`clip_`. Default: False
         backend (str): as in :func:`clip_`. Default: ``"auto"``
 
     Returns:
@@ -107,10 +121,11 @@ def get_total_norm(
     norm_type = parse_norm_type(norm_type)
     summary = summarize(tensors)
     check_gradients(tensors, summary, "tensors", written=False)
-    impl = select_backend(backend, tensors, norm_type, summary)
+    overflow_safe = parse_overflow_safe(overflow_safe, norm_type)
+    impl = select_backend(backend, tensors, norm_type, summary, overflow_safe)
     if not tensors:
         return torch.tensor(0.0)
-    total_norm = impl.get_total_norm(tensors, norm_type, foreach)
+    total_norm = impl.get_total_norm(tensors, norm_type, foreach, overflow_safe)
     if error_if_nonfinite:
         _raise_if_nonfinite(total_norm, norm_type)
     return total_norm

@@ -218,6 +218,80 @@ def _chunk_partial(address, begin, end, p, DTYPE: tl.constexpr, NORM: tl.constex
     return _reduce(acc, NORM).to(tl.float64)
 
 
+# Overflow-safe norm (SAFE): a chunk's partial is (sum, exponent) standing for sum * (2^exponent)^p,
+# where sum adds |x * 2^-exponent|^p in fp64 and 2^exponent is within a factor 2 of the chunk's
+# largest magnitude (so no power or sum overflows, and nothing that matters underflows). A
+# non-finite chunk gets the exponent _NON_FINITE_EXPONENT, above every finite one, so that its inf
+# or NaN survives the combination. The same definition as fastclip's C++ CPU kernel.
+_MIN_SCALE_EXPONENT = tl.constexpr(-1022)
+_MAX_SCALE_EXPONENT = tl.constexpr(1022)
+_NON_FINITE_EXPONENT = tl.constexpr(1023)
+
+
+@triton.jit
+def _power_of_two(exponent):
+    """2^exponent as fp64, built from its bits (exact), for -1022 <= exponent <= 1023."""
+    return ((exponent.to(tl.int64) + 1023) << 52).to(tl.float64, bitcast=True)
+
+
+@triton.jit
+def _scaled_chunk_partial(address, begin, end, p, DTYPE: tl.constexpr, NORM: tl.constexpr, BLOCK: tl.constexpr):
+    """(sum, exponent) of one chunk: two sweeps, the second finding the chunk in cache."""
+    largest = _chunk_partial(address, begin, end, p, DTYPE, 2, True, BLOCK)  # the inf norm, exact
+    biased = (largest.to(tl.int64, bitcast=True) >> 52) & 0x7FF
+    exponent = tl.minimum(tl.maximum(biased - 1023, _MIN_SCALE_EXPONENT), _MAX_SCALE_EXPONENT).to(tl.int32)
+    scale = _power_of_two(-exponent)
+    acc = tl.zeros([BLOCK], dtype=tl.float64)
+    for start in range(begin, end, BLOCK):
+        offsets = start + tl.arange(0, BLOCK).to(tl.int64)
+        acc = _accumulate(acc, _load_math(address, offsets, offsets < end, DTYPE).to(tl.float64) * scale, p, NORM)
+    finite = largest < float("inf")  # false for NaN too
+    return tl.where(finite, _reduce(acc, NORM), largest), tl.where(finite, exponent, _NON_FINITE_EXPONENT)
+
+
+@triton.jit
+def _exponent_weight(shift, p, NORM: tl.constexpr):
+    """(2^shift)^p for shift <= 0, which brings a partial to a larger exponent: exact for L1 and L2
+    (0 where the power of two is below fp64's normal range: such partials are negligible)."""
+    if NORM == 0:
+        return tl.where(2 * shift >= -1022, _power_of_two(tl.maximum(2 * shift, -1022)), 0.0)
+    elif NORM == 1:
+        return tl.where(shift >= -1022, _power_of_two(tl.maximum(shift, -1022)), 0.0)
+    else:
+        return tl.exp2(shift.to(tl.float64) * p)
+
+
+@triton.jit
+def _combine_scaled(sums_ptr, exponents_ptr, first, last, p, NORM: tl.constexpr, BLOCK: tl.constexpr):
+    """(sum, exponent) of the partials first..last-1 combined at their largest exponent, in order."""
+    top = tl.full([BLOCK], _MIN_SCALE_EXPONENT, tl.int32)
+    for start in range(first, last, BLOCK):
+        offsets = start + tl.arange(0, BLOCK).to(tl.int64)
+        exponents = tl.load(exponents_ptr + offsets, mask=offsets < last, other=_MIN_SCALE_EXPONENT, cache_modifier=".cg")
+        top = tl.maximum(top, exponents)
+    top = tl.max(top, axis=0)
+    acc = tl.zeros([BLOCK], dtype=tl.float64)
+    for start in range(first, last, BLOCK):
+        offsets = start + tl.arange(0, BLOCK).to(tl.int64)
+        in_range = offsets < last
+        sums = tl.load(sums_ptr + offsets, mask=in_range, other=0.0, cache_modifier=".cg")
+        exponents = tl.load(exponents_ptr + offsets, mask=in_range, other=_MIN_SCALE_EXPONENT, cache_modifier=".cg")
+        acc += sums * _exponent_weight(exponents - top, p, NORM)
+    return tl.sum(acc, axis=0), top
+
+
+@triton.jit
+def _finalize_scaled_total(tensor_sums_ptr, tensor_exponents_ptr, total_ptr, coefficient_ptr, num_tensors, p,
+                           max_norm, NORM: tl.constexpr, TOTAL_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """The overflow-safe total, 2^top * root(sum), rounded to the total dtype, and the coefficient."""
+    accumulated, top = _combine_scaled(tensor_sums_ptr, tensor_exponents_ptr, 0, num_tensors, p, NORM, BLOCK)
+    total = _finish(accumulated, p, NORM) * _power_of_two(top)
+    if TOTAL_DTYPE == 0:
+        total = total.to(tl.float32)
+    tl.store(total_ptr, total.to(total_ptr.dtype.element_ty))
+    tl.store(coefficient_ptr, _clip_coefficient(total, max_norm, TOTAL_DTYPE))
+
+
 @triton.jit
 def _tensor_norm(partials_ptr, first, last, p, DTYPE: tl.constexpr, NORM: tl.constexpr, CPU_RULES: tl.constexpr,
                  BLOCK: tl.constexpr):
@@ -280,9 +354,12 @@ def _clip_coefficient(total, max_norm, TOTAL_DTYPE: tl.constexpr):
 
 @triton.jit
 def _norm_kernel(chunks_ptr, tensors_ptr, partials_ptr, tensor_norms_ptr, counters_ptr, total_ptr,
-                 coefficient_ptr, num_tensors, num_nonempty, p_bits, max_norm_bits, total_elements,
-                 NORM: tl.constexpr, TOTAL_DTYPE: tl.constexpr, CPU_RULES: tl.constexpr,
-                 BLOCK: tl.constexpr, BARRIER: tl.constexpr):
+                 coefficient_ptr, partial_exponents_ptr, tensor_exponents_ptr, num_tensors, num_nonempty, p_bits,
+                 max_norm_bits, total_elements, NORM: tl.constexpr, TOTAL_DTYPE: tl.constexpr,
+                 CPU_RULES: tl.constexpr, SAFE: tl.constexpr, BLOCK: tl.constexpr, BARRIER: tl.constexpr):
+    """Launch 1. With SAFE (the overflow-safe norm; never with the inf norm, which needs no
+    scaling) partials are (sum, exponent) pairs and tensor_norms holds each gradient's combined
+    sum, not its norm."""
     chunk = tl.program_id(0).to(tl.int64)
     p = p_bits.to(tl.float64, bitcast=True)
     address = tl.load(chunks_ptr + chunk * _CHUNK_COLUMNS)
@@ -290,7 +367,17 @@ def _norm_kernel(chunks_ptr, tensors_ptr, partials_ptr, tensor_norms_ptr, counte
     end = tl.load(chunks_ptr + chunk * _CHUNK_COLUMNS + 2)
     t = tl.load(chunks_ptr + chunk * _CHUNK_COLUMNS + 3)
     dtype = tl.load(tensors_ptr + t * _TENSOR_COLUMNS + 1)
-    if dtype == 0:
+    if SAFE:
+        if dtype == 0:
+            partial, exponent = _scaled_chunk_partial(address, begin, end, p, 0, NORM, BLOCK)
+        elif dtype == 1:
+            partial, exponent = _scaled_chunk_partial(address, begin, end, p, 1, NORM, BLOCK)
+        elif dtype == 2:
+            partial, exponent = _scaled_chunk_partial(address, begin, end, p, 2, NORM, BLOCK)
+        else:
+            partial, exponent = _scaled_chunk_partial(address, begin, end, p, 3, NORM, BLOCK)
+        tl.store(partial_exponents_ptr + chunk, exponent)
+    elif dtype == 0:
         partial = _chunk_partial(address, begin, end, p, 0, NORM, CPU_RULES, BLOCK)
     elif dtype == 1:
         partial = _chunk_partial(address, begin, end, p, 1, NORM, CPU_RULES, BLOCK)
@@ -308,7 +395,12 @@ def _norm_kernel(chunks_ptr, tensors_ptr, partials_ptr, tensor_norms_ptr, counte
     last = tl.load(tensors_ptr + t * _TENSOR_COLUMNS + 3)
     arrived = tl.atomic_add(counters_ptr + t, 1, sem="acq_rel")
     if arrived == last - first - 1:
-        if CPU_RULES and (end - begin == 1) and (last - first == 1):
+        if SAFE:
+            tensor_sum, tensor_exponent = _combine_scaled(partials_ptr, partial_exponents_ptr, first, last, p, NORM,
+                                                          BLOCK)
+            tl.store(tensor_exponents_ptr + t, tensor_exponent)
+            norm = tensor_sum
+        elif CPU_RULES and (end - begin == 1) and (last - first == 1):
             norm = tl.abs(_single_element(address, dtype))
         elif dtype == 0:
             norm = _tensor_norm(partials_ptr, first, last, p, 0, NORM, CPU_RULES, BLOCK)
@@ -325,8 +417,12 @@ def _norm_kernel(chunks_ptr, tensors_ptr, partials_ptr, tensor_norms_ptr, counte
         done = tl.atomic_add(counters_ptr + num_tensors, 1, sem="acq_rel")
         if done == num_nonempty - 1:
             max_norm = max_norm_bits.to(tl.float64, bitcast=True)
-            _finalize_total(tensors_ptr, tensor_norms_ptr, total_ptr, coefficient_ptr, num_tensors, p, max_norm,
-                            NORM, TOTAL_DTYPE, CPU_RULES, BLOCK)
+            if SAFE:
+                _finalize_scaled_total(tensor_norms_ptr, tensor_exponents_ptr, total_ptr, coefficient_ptr,
+                                       num_tensors, p, max_norm, NORM, TOTAL_DTYPE, BLOCK)
+            else:
+                _finalize_total(tensors_ptr, tensor_norms_ptr, total_ptr, coefficient_ptr, num_tensors, p, max_norm,
+                                NORM, TOTAL_DTYPE, CPU_RULES, BLOCK)
             tl.store(counters_ptr + num_tensors, 0)
 
 
@@ -531,10 +627,12 @@ def _checked_total_dtype(tensors: list[torch.Tensor], what: str) -> torch.dtype:
     return functools.reduce(torch.promote_types, dtypes)
 
 
-def _run_norm(tensors: list[torch.Tensor], norm_type: float, max_norm: float, total_dtype: torch.dtype):
+def _run_norm(tensors: list[torch.Tensor], norm_type: float, max_norm: float, total_dtype: torch.dtype,
+              overflow_safe: bool = False):
     """Launch 1. Returns (total norm tensor, coefficient tensor, tables); the coefficient has the
-    total norm's dtype."""
+    total norm's dtype (which for the overflow-safe norm the caller has widened to fp32 or more)."""
     kind = _norm_kind(norm_type)
+    safe = overflow_safe and kind != NORM_INF  # a max never overflows: the plain kernel is exact
     numels = list(map(torch.Tensor.numel, tensors))
     if kind == NORM_INF and 0 in numels:
         raise RuntimeError(
@@ -550,12 +648,18 @@ def _run_norm(tensors: list[torch.Tensor], norm_type: float, max_norm: float, to
         coefficient.fill_(1.0)
         return total, coefficient, (chunks, table, 0)
     partials = torch.empty(num_chunks, dtype=torch.float64, device=device)
-    tensor_norms = torch.empty(len(tensors), dtype=torch.float64, device=device)
     counters = torch.zeros(len(tensors) + 1, dtype=torch.int32, device=device)
+    if safe:  # an empty gradient's (sum, exponent) is never written: (0, the smallest exponent)
+        tensor_norms = torch.zeros(len(tensors), dtype=torch.float64, device=device)
+        partial_exponents = torch.empty(num_chunks, dtype=torch.int32, device=device)
+        tensor_exponents = torch.full((len(tensors),), _MIN_SCALE_EXPONENT.value, dtype=torch.int32, device=device)
+    else:
+        tensor_norms = torch.empty(len(tensors), dtype=torch.float64, device=device)
+        partial_exponents = tensor_exponents = counters  # not read
     wrap_triton(_norm_kernel_tuned)[(num_chunks,)](
-        chunks, table, partials, tensor_norms, counters, total, coefficient, len(tensors),
-        len(numels) - numels.count(0), _float_bits(float(norm_type)), _float_bits(float(max_norm)), sum(numels),
-        NORM=kind, TOTAL_DTYPE=DTYPE_TAGS[total_dtype], CPU_RULES=device.type == "cpu",
+        chunks, table, partials, tensor_norms, counters, total, coefficient, partial_exponents, tensor_exponents,
+        len(tensors), len(numels) - numels.count(0), _float_bits(float(norm_type)), _float_bits(float(max_norm)),
+        sum(numels), NORM=kind, TOTAL_DTYPE=DTYPE_TAGS[total_dtype], CPU_RULES=device.type == "cpu", SAFE=safe,
         BARRIER=not INTERPRETING, enable_fp_fusion=True,  # fused multiply-adds in the sums: fine for E5
     )
     return total, coefficient, (chunks, table, num_chunks)
@@ -571,21 +675,28 @@ def _run_scale(tables, coefficient: torch.Tensor, coefficient_dtype: torch.dtype
         )
 
 
+def _total_dtype(tensors: list[torch.Tensor], what: str, overflow_safe: bool) -> torch.dtype:
+    """The total norm's dtype: torch's, widened to at least fp32 for the overflow-safe norm."""
+    dtype = _checked_total_dtype(tensors, what)
+    return torch.promote_types(dtype, torch.float32) if overflow_safe else dtype
+
+
 @triton_op("fastclip_triton::total_norm", mutates_args=())
-def total_norm(tensors: list[torch.Tensor], norm_type: float) -> torch.Tensor:
-    """The total ``norm_type``-norm of ``tensors``, in the promoted dtype, as torch computes it."""
-    total_dtype = _checked_total_dtype(tensors, "total_norm")
+def total_norm(tensors: list[torch.Tensor], norm_type: float, overflow_safe: bool = False) -> torch.Tensor:
+    """The total ``norm_type``-norm of ``tensors``, in the promoted dtype, as torch computes it;
+    or the overflow-safe norm of all their elements (see _scaled_chunk_partial)."""
+    total_dtype = _total_dtype(tensors, "total_norm", overflow_safe)
     dense, _ = _dense(tensors)
-    total, _, _ = _run_norm(dense, norm_type, 1.0, total_dtype)
+    total, _, _ = _run_norm(dense, norm_type, 1.0, total_dtype, overflow_safe)
     return total
 
 
 @triton_op("fastclip_triton::clip_", mutates_args={"grads"})
-def clip_(grads: list[torch.Tensor], max_norm: float, norm_type: float) -> torch.Tensor:
+def clip_(grads: list[torch.Tensor], max_norm: float, norm_type: float, overflow_safe: bool = False) -> torch.Tensor:
     """Clips ``grads`` in place by their total norm, which it returns (two launches)."""
-    total_dtype = _checked_total_dtype(grads, "clip_")
+    total_dtype = _total_dtype(grads, "clip_", overflow_safe)
     dense, copies = _dense(grads)
-    total, coefficient, tables = _run_norm(dense, norm_type, max_norm, total_dtype)
+    total, coefficient, tables = _run_norm(dense, norm_type, max_norm, total_dtype, overflow_safe)
     _run_scale(tables, coefficient, total_dtype)
     for original, copy in copies:  # whether anything was scaled is known only on the device
         original.copy_(copy)

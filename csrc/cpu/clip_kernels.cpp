@@ -59,8 +59,10 @@ constexpr int64_t kPrefetchBytes = 4096;
 // is not bound by the latency of one addition; each lane sums blocks of 32 elements, and block sums
 // are added to the lane with Neumaier compensation, so the rounding error stays that of a short
 // sum however large the tensor. The last n % 32 elements are summed one by one.
-template <Isa I, class E, NormKind K>
-inline double reduce_span(const typename E::Storage* x, int64_t n, double p) {
+// kScaled: every element is multiplied by `scale` (a power of two, so exactly) before it is
+// accumulated; the overflow-safe norm's second sweep over a chunk.
+template <Isa I, class E, NormKind K, bool kScaled>
+inline double reduce_span(const typename E::Storage* x, int64_t n, double p, double scale) {
   constexpr int kVectors = 4;
   constexpr int64_t kStep = kVectors * kLanes;
   constexpr int64_t kBlock = 32 * kStep;
@@ -74,8 +76,11 @@ inline double reduce_span(const typename E::Storage* x, int64_t n, double p) {
     for (; i < block_end; i += kStep) {
       for (int64_t line = 0; line < kStep; line += kLineElements)  // prefetches never fault
         __builtin_prefetch(reinterpret_cast<const char*>(x + i + line) + kPrefetchBytes);
-      for (int v = 0; v < kVectors; ++v)
-        block[v] = accumulate<K>(block[v], simd::load8_as_double<I, E>(x + i + v * kLanes), p);
+      for (int v = 0; v < kVectors; ++v) {
+        f64x8 loaded = simd::load8_as_double<I, E>(x + i + v * kLanes);
+        if constexpr (kScaled) loaded *= scale;
+        block[v] = accumulate<K>(block[v], loaded, p);
+      }
     }
     for (int v = 0; v < kVectors; ++v) {
       if constexpr (K == NormKind::kInf) {
@@ -89,7 +94,7 @@ inline double reduce_span(const typename E::Storage* x, int64_t n, double p) {
     }
   }
   double result = 0.0;
-  for (; i < n; ++i) result = accumulate<K>(result, static_cast<double>(E::load(x[i])), p);
+  for (; i < n; ++i) result = accumulate<K>(result, static_cast<double>(E::load(x[i])) * (kScaled ? scale : 1.0), p);
   // A lane that reached inf has a NaN compensation (inf - inf): its sum is inf, and must stay so.
   for (int v = 0; v < kVectors; ++v)
     for (int l = 0; l < kLanes; ++l)
@@ -97,25 +102,27 @@ inline double reduce_span(const typename E::Storage* x, int64_t n, double p) {
   return result;
 }
 
-template <Isa I, class E>
-inline double reduce_by_kind(const void* data, int64_t n, Norm norm) {
+template <Isa I, class E, bool kScaled>
+inline double reduce_by_kind(const void* data, int64_t n, Norm norm, double scale) {
   const auto* x = static_cast<const typename E::Storage*>(data);
   switch (norm.kind) {
-    case NormKind::kL2: return reduce_span<I, E, NormKind::kL2>(x, n, norm.p);
-    case NormKind::kL1: return reduce_span<I, E, NormKind::kL1>(x, n, norm.p);
-    case NormKind::kInf: return reduce_span<I, E, NormKind::kInf>(x, n, norm.p);
-    case NormKind::kP: return reduce_span<I, E, NormKind::kP>(x, n, norm.p);
+    case NormKind::kL2: return reduce_span<I, E, NormKind::kL2, kScaled>(x, n, norm.p, scale);
+    case NormKind::kL1: return reduce_span<I, E, NormKind::kL1, kScaled>(x, n, norm.p, scale);
+    case NormKind::kInf: return reduce_span<I, E, NormKind::kInf, false>(x, n, norm.p, scale);
+    case NormKind::kP: return reduce_span<I, E, NormKind::kP, kScaled>(x, n, norm.p, scale);
   }
   return 0.0;
 }
 
+// Reduces n elements of any dtype; scale == 1 is the plain (unscaled) loop.
 template <Isa I>
-inline double reduce_by_dtype(DType dtype, const void* x, int64_t n, Norm norm) {
+inline double reduce_by_dtype(DType dtype, const void* x, int64_t n, Norm norm, double scale) {
+  const bool scaled = scale != 1.0;
   switch (dtype) {
-    case DType::kFloat32: return reduce_by_kind<I, simd::F32>(x, n, norm);
-    case DType::kFloat64: return reduce_by_kind<I, simd::F64>(x, n, norm);
-    case DType::kFloat16: return reduce_by_kind<I, simd::F16>(x, n, norm);
-    case DType::kBFloat16: return reduce_by_kind<I, simd::BF16>(x, n, norm);
+    case DType::kFloat32: return scaled ? reduce_by_kind<I, simd::F32, true>(x, n, norm, scale) : reduce_by_kind<I, simd::F32, false>(x, n, norm, scale);
+    case DType::kFloat64: return scaled ? reduce_by_kind<I, simd::F64, true>(x, n, norm, scale) : reduce_by_kind<I, simd::F64, false>(x, n, norm, scale);
+    case DType::kFloat16: return scaled ? reduce_by_kind<I, simd::F16, true>(x, n, norm, scale) : reduce_by_kind<I, simd::F16, false>(x, n, norm, scale);
+    case DType::kBFloat16: return scaled ? reduce_by_kind<I, simd::BF16, true>(x, n, norm, scale) : reduce_by_kind<I, simd::BF16, false>(x, n, norm, scale);
   }
   return 0.0;
 }
@@ -142,22 +149,23 @@ inline void scale_by_dtype(DType dtype, void* x, int64_t n, double c) {
 }
 
 // One compiled copy of the hot loops per instruction set.
-FASTCLIP_TARGET_GENERIC double reduce_generic(DType d, const void* x, int64_t n, Norm norm) { return reduce_by_dtype<Isa::kGeneric>(d, x, n, norm); }
+FASTCLIP_TARGET_GENERIC double reduce_generic(DType d, const void* x, int64_t n, Norm norm, double s) { return reduce_by_dtype<Isa::kGeneric>(d, x, n, norm, s); }
 FASTCLIP_TARGET_GENERIC void scale_generic(DType d, void* x, int64_t n, double c) { scale_by_dtype<Isa::kGeneric>(d, x, n, c); }
 #if FASTCLIP_X86_VARIANTS
-FASTCLIP_TARGET_AVX2 double reduce_avx2(DType d, const void* x, int64_t n, Norm norm) { return reduce_by_dtype<Isa::kAvx2>(d, x, n, norm); }
+FASTCLIP_TARGET_AVX2 double reduce_avx2(DType d, const void* x, int64_t n, Norm norm, double s) { return reduce_by_dtype<Isa::kAvx2>(d, x, n, norm, s); }
 FASTCLIP_TARGET_AVX2 void scale_avx2(DType d, void* x, int64_t n, double c) { scale_by_dtype<Isa::kAvx2>(d, x, n, c); }
-FASTCLIP_TARGET_AVX512 double reduce_avx512(DType d, const void* x, int64_t n, Norm norm) { return reduce_by_dtype<Isa::kAvx512>(d, x, n, norm); }
+FASTCLIP_TARGET_AVX512 double reduce_avx512(DType d, const void* x, int64_t n, Norm norm, double s) { return reduce_by_dtype<Isa::kAvx512>(d, x, n, norm, s); }
 FASTCLIP_TARGET_AVX512 void scale_avx512(DType d, void* x, int64_t n, double c) { scale_by_dtype<Isa::kAvx512>(d, x, n, c); }
 #endif
 
-double reduce(DType dtype, const void* x, int64_t n, Norm norm) {
+// The sum of |scale * x|^p (or the max of |x|) over n elements of x, with the active ISA.
+double reduce(DType dtype, const void* x, int64_t n, Norm norm, double scale = 1.0) {
   switch (simd::active_isa()) {
 #if FASTCLIP_X86_VARIANTS
-    case Isa::kAvx512: return reduce_avx512(dtype, x, n, norm);
-    case Isa::kAvx2: return reduce_avx2(dtype, x, n, norm);
+    case Isa::kAvx512: return reduce_avx512(dtype, x, n, norm, scale);
+    case Isa::kAvx2: return reduce_avx2(dtype, x, n, norm, scale);
 #endif
-    default: return reduce_generic(dtype, x, n, norm);
+    default: return reduce_generic(dtype, x, n, norm, scale);
   }
 }
 
@@ -258,7 +266,62 @@ char* element_address(const TensorView& t, int64_t index) {
   return static_cast<char*>(t.data) + index * static_cast<int64_t>(element_size(t.dtype));
 }
 
+// A chunk's share of the overflow-safe norm: sum * (2^exponent)^p, where sum adds |x * 2^-exponent|^p
+// and 2^exponent is within a factor 2 of the chunk's largest magnitude. Every scaled element is
+// below 2 in magnitude, so no power and no sum can overflow, and the elements that matter (those
+// not negligible next to the largest) cannot underflow. A non-finite chunk gets an exponent above
+// every finite one, so that inf and NaN survive the combination.
+struct ScaledPartial {
+  double sum;
+  int exponent;
+};
+
+constexpr int kMinScaleExponent = -1022;  // 2^-e must stay a normal double at both ends
+constexpr int kMaxScaleExponent = 1022;
+constexpr int kNonFiniteExponent = 1023;
+
+ScaledPartial scaled_partial(const TensorView& t, const Chunk& c, Norm norm) {
+  const void* x = element_address(t, c.begin);
+  const int64_t n = c.end - c.begin;
+  // First sweep: the largest magnitude. The second sweep finds the chunk in cache (256 KiB at most).
+  const double largest = reduce(t.dtype, x, n, {NormKind::kInf, INFINITY});
+  if (norm.kind == NormKind::kInf || largest == 0.0) return {largest, kMinScaleExponent};
+  if (!std::isfinite(largest)) return {largest, kNonFiniteExponent};  // inf or NaN: so is the norm
+  const int exponent = std::clamp(std::ilogb(largest), kMinScaleExponent, kMaxScaleExponent);
+  return {reduce(t.dtype, x, n, norm, std::ldexp(1.0, -exponent)), exponent};
+}
+
+// (2^shift)^p for shift <= 0: the factor that brings a partial to the common exponent. Exact for
+// the L1 and L2 norms; harmlessly 0 for partials far below the largest.
+double exponent_weight(int shift, Norm norm) {
+  if (norm.kind == NormKind::kL2) return std::ldexp(1.0, 2 * shift);
+  if (norm.kind == NormKind::kL1) return std::ldexp(1.0, shift);
+  return static_cast<double>(std::exp2(static_cast<long double>(norm.p) * shift));
+}
+
 }  // namespace
+
+double overflow_safe_norm(const TensorView* tensors, int64_t count, Norm norm, const ParallelFor& parallel_for) {
+  std::vector<int64_t> first_chunk;
+  const std::vector<Chunk> chunks = make_chunks(tensors, count, first_chunk);
+  std::vector<ScaledPartial> partials(chunks.size());
+  parallel_for(0, static_cast<int64_t>(chunks.size()), grain_in_chunks(chunks), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) partials[i] = scaled_partial(tensors[chunks[i].tensor], chunks[i], norm);
+  });
+  if (norm.kind == NormKind::kInf) {
+    double largest = 0.0;
+    for (const ScaledPartial& partial : partials) largest = max_nan(largest, partial.sum);
+    return largest;
+  }
+  int top = kMinScaleExponent;
+  for (const ScaledPartial& partial : partials) top = std::max(top, partial.exponent);
+  double sum = 0.0;  // in chunk order, like every other sum here
+  for (const ScaledPartial& partial : partials) sum += partial.sum * exponent_weight(partial.exponent - top, norm);
+  double root = sum;
+  if (norm.kind == NormKind::kL2) root = std::sqrt(sum);
+  if (norm.kind == NormKind::kP) root = static_cast<double>(std::pow(static_cast<long double>(sum), 1.0L / norm.p));
+  return std::ldexp(root, top);
+}
 
 void tensor_norms(const TensorView* tensors, int64_t count, Norm norm, const ParallelFor& parallel_for,
                   double* norms_out) {

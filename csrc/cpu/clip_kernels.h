@@ -40,6 +40,13 @@ void tensor_norms(const TensorView* tensors, int64_t count, Norm norm, const Par
 // gradient dtypes, as torch.stack gives); |norm| when there is one.
 double total_norm(const double* tensor_norms, int64_t count, Norm norm, DType total_dtype);
 
+// The p-norm (or inf norm) of every element of every tensor as one vector, safe from overflow and
+// underflow: each chunk is scaled by a power of two near its largest magnitude before its powers
+// are summed, as BLAS nrm2 scales (fastclip's `overflow_safe=True`). Unlike torch's norm it rounds
+// nothing per tensor; the result is in double, unrounded, and is infinite only if the true norm
+// exceeds double's range (or a gradient holds inf).
+double overflow_safe_norm(const TensorView* tensors, int64_t count, Norm norm, const ParallelFor& parallel_for);
+
 // min(max_norm / (total + 1e-6), 1) with torch's roundings in `total_dtype`: reciprocal of
 // (total + 1e-6), times max_norm, clamped at 1 with NaN propagated.
 double clip_coefficient(double total, double max_norm, DType total_dtype);

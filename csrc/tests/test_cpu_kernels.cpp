@@ -2,6 +2,7 @@
 // The Python suite (tests/) checks the same kernels against torch through the bindings; these
 // check what is hard to reach from there: every instruction-set variant in one process, thread-count
 // independence, the 16-bit conversions exhaustively, and accuracy on large inputs.
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -216,6 +217,46 @@ void test_clip_coefficient_roundings() {
 
 }  // namespace
 
+// The overflow-safe norm: right where sums of squares overflow (fp64 1e200, whose square is beyond
+// double) or underflow (1e-200), the same bits in every variant and thread count, and inf and NaN
+// kept. Long double (x87: 15-bit exponent) holds the squares for the reference.
+void test_overflow_safe_norm() {
+  std::vector<double> huge(70001, 1e200), tiny(1000, -1e-200);
+  std::vector<float> mid(4099, 3.0f);
+  const TensorView views[] = {{huge.data(), (int64_t)huge.size(), DType::kFloat64},
+                              {tiny.data(), (int64_t)tiny.size(), DType::kFloat64},
+                              {mid.data(), (int64_t)mid.size(), DType::kFloat32}};
+  const long double huge_truth = std::sqrt(70001.0L) * 1e200L;
+  const long double tiny_truth = std::sqrt(1000.0L) * 1e-200L;
+  const double reference = overflow_safe_norm(views, 3, {NormKind::kL2, 2.0}, serial);
+  CHECK(std::abs(reference - (double)huge_truth) <= 2 * DBL_EPSILON * (double)huge_truth, "huge: %.17g", reference);
+  const double tiny_norm = overflow_safe_norm(&views[1], 1, {NormKind::kL2, 2.0}, serial);
+  CHECK(std::abs(tiny_norm - (double)tiny_truth) <= 2 * DBL_EPSILON * (double)tiny_truth, "tiny: %.17g", tiny_norm);
+  CHECK(std::isinf(norm_of(views, 3, {NormKind::kL2, 2.0}, DType::kFloat64)), "the plain norm of 1e200s overflows");
+  for (Isa isa : {simd::Isa::kGeneric, simd::Isa::kAvx2, simd::Isa::kAvx512}) {
+    const Isa active = simd::set_active_isa_for_testing(isa);
+    for (int threads : {1, 2, 3}) {
+      const double got = overflow_safe_norm(views, 3, {NormKind::kL2, 2.0}, threads_parallel_for(threads));
+      CHECK(bits_of(got) == bits_of(reference), "variant %s, %d threads: %.17g vs %.17g", simd::isa_name(active),
+            threads, got, reference);
+    }
+  }
+  huge[5] = INFINITY;
+  CHECK(std::isinf(overflow_safe_norm(views, 3, {NormKind::kL2, 2.0}, serial)), "inf lost");
+  mid[4000] = NAN;
+  CHECK(std::isnan(overflow_safe_norm(views, 3, {NormKind::kL2, 2.0}, serial)), "NaN lost");
+}
+
+// An inf among many elements: the L2 sum is inf (the compensation of an inf lane is NaN, and must
+// not leak into the result).
+void test_inf_element_gives_inf() {
+  std::vector<float> x(1000, 1.0f);
+  x[500] = INFINITY;
+  const TensorView view{x.data(), 1000, DType::kFloat32};
+  for (Norm norm : {Norm{NormKind::kL2, 2.0}, Norm{NormKind::kL1, 1.0}, Norm{NormKind::kP, 3.0}})
+    CHECK(norm_of(&view, 1, norm, DType::kFloat32) == INFINITY, "norm kind %d", (int)norm.kind);
+}
+
 int main() {
   test_exact_l2_every_dtype_and_variant();
   test_variants_and_thread_counts_agree_bitwise();
@@ -224,6 +265,8 @@ int main() {
   test_16_bit_conversions_exhaustive();
   test_coefficient_one_writes_nothing();
   test_clip_coefficient_roundings();
+  test_overflow_safe_norm();
+  test_inf_element_gives_inf();
   std::printf("%s (best variant on this CPU: %s)\n", failures == 0 ? "all CPU kernel tests passed" : "FAILURES",
               simd::isa_name(simd::set_active_isa_for_testing(simd::Isa::kAvx512)));
   return failures == 0 ? 0 : 1;

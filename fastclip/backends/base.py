@@ -37,8 +37,15 @@ class Backend:
         """
         return None
 
-    def get_total_norm(self, tensors: list[torch.Tensor], norm_type: float, foreach: bool | None) -> torch.Tensor:
-        """The total ``norm_type``-norm of ``tensors`` (a non-empty list), in torch's result dtype."""
+    def overflow_safe_refusal(self, device: torch.device) -> str | None:
+        """Why this backend has no overflow-safe norm on ``device``, or None if it has one."""
+        return None
+
+    def get_total_norm(
+        self, tensors: list[torch.Tensor], norm_type: float, foreach: bool | None, overflow_safe: bool = False
+    ) -> torch.Tensor:
+        """The total ``norm_type``-norm of ``tensors`` (a non-empty list), in torch's result dtype;
+        with ``overflow_safe``, the scaled norm of :func:`fastclip.clip_`'s ``overflow_safe``."""
         raise NotImplementedError
 
     def clip_grads_with_norm_(
@@ -47,9 +54,12 @@ class Backend:
         """Scale ``grads`` (a non-empty list) in place by ``min(max_norm / (total_norm + 1e-6), 1)``."""
         raise NotImplementedError
 
-    def clip_(self, grads: list[torch.Tensor], max_norm: float, norm_type: float, foreach: bool | None) -> torch.Tensor:
+    def clip_(
+        self, grads: list[torch.Tensor], max_norm: float, norm_type: float, foreach: bool | None,
+        overflow_safe: bool = False,
+    ) -> torch.Tensor:
         """Clip ``grads`` (a non-empty list) in place and return their total norm before clipping."""
-        total_norm = self.get_total_norm(grads, norm_type, foreach)
+        total_norm = self.get_total_norm(grads, norm_type, foreach, overflow_safe)
         self.clip_grads_with_norm_(grads, max_norm, total_norm, foreach)
         return total_norm
 

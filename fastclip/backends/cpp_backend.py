@@ -13,9 +13,11 @@ from fastclip.backends.base import Backend, fused_kernel_refusal
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 
-def _total_norm_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
-    """The dtype torch.stack gives the per-tensor norms: the promotion of every tensor's dtype."""
-    return functools.reduce(torch.promote_types, {t.dtype for t in tensors})
+def _total_norm_dtype(tensors: list[torch.Tensor], overflow_safe: bool) -> torch.dtype:
+    """The dtype torch.stack gives the per-tensor norms: the promotion of every tensor's dtype
+    (and of float32, for the overflow-safe norm)."""
+    dtype = functools.reduce(torch.promote_types, {t.dtype for t in tensors})
+    return torch.promote_types(dtype, torch.float32) if overflow_safe else dtype
 
 
 @functools.cache
@@ -23,12 +25,12 @@ def _register_fake_kernels() -> None:
     """Shape-and-dtype functions so torch.compile(fullgraph=True) can trace the ops."""
 
     @torch.library.register_fake("fastclip::total_norm")
-    def _(tensors, norm_type):
-        return tensors[0].new_empty((), dtype=_total_norm_dtype(tensors))
+    def _(tensors, norm_type, overflow_safe=False):
+        return tensors[0].new_empty((), dtype=_total_norm_dtype(tensors, overflow_safe))
 
     @torch.library.register_fake("fastclip::clip_")
-    def _(grads, max_norm, norm_type):
-        return grads[0].new_empty((), dtype=_total_norm_dtype(grads))
+    def _(grads, max_norm, norm_type, overflow_safe=False):
+        return grads[0].new_empty((), dtype=_total_norm_dtype(grads, overflow_safe))
 
     @torch.library.register_fake("fastclip::scale_with_norm_")
     def _(grads, max_norm, total_norm):
@@ -55,11 +57,16 @@ class CppBackend(Backend):
     def unsupported_reason(self, tensors, norm_type, summary=None):
         return fused_kernel_refusal(tensors, norm_type, summary)
 
-    def get_total_norm(self, tensors, norm_type, foreach):
-        return torch.ops.fastclip.total_norm(tensors, norm_type)
+    def overflow_safe_refusal(self, device):
+        if device.type == "cuda":
+            return "the CUDA kernel has no overflow-safe norm yet (the Triton backend has)"
+        return None
 
-    def clip_(self, grads, max_norm, norm_type, foreach):
-        return torch.ops.fastclip.clip_(grads, max_norm, norm_type)
+    def get_total_norm(self, tensors, norm_type, foreach, overflow_safe=False):
+        return torch.ops.fastclip.total_norm(tensors, norm_type, overflow_safe)
+
+    def clip_(self, grads, max_norm, norm_type, foreach, overflow_safe=False):
+        return torch.ops.fastclip.clip_(grads, max_norm, norm_type, overflow_safe)
 
     def clip_grads_with_norm_(self, grads, max_norm, total_norm, foreach):
         torch.ops.fastclip.scale_with_norm_(grads, max_norm, total_norm.to(grads[0].device))

@@ -8,6 +8,9 @@ after ``torch.nn.utils`` is patched to call ``fastclip``.
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 from torch.nn.utils import clip_grad as _torch_clip_grad
 from torch.utils._foreach_utils import (
@@ -63,12 +66,53 @@ def clamp_grads_(grads: list[torch.Tensor], clip_value: float, foreach: bool | N
                 g.clamp_(min=-clip_value, max=clip_value)
 
 
+# Exponents of the power-of-two scales: 2^-e must be a normal float64 for every e used.
+_MIN_SCALE_EXPONENT, _MAX_SCALE_EXPONENT = -1022, 1022
+
+
+def overflow_safe_total_norm(tensors: list[torch.Tensor], norm_type: float) -> torch.Tensor:
+    """The p-norm of all elements of ``tensors`` as one vector, without overflow or underflow.
+
+    Each tensor is scaled in float64 by a power of two (exactly) so that its largest magnitude lies
+    in [1, 2), and its sum of |x|^p taken; the sums are brought to the largest scale by powers of
+    two, added, and rooted once: nothing overflows unless the true norm exceeds float64's range.
+    The same definition as the fused kernels' (which scale per chunk, in one pass); this reference
+    version needs a float64 copy of one tensor at a time. The result has torch's dtype widened to
+    at least float32, and stays on the device (no host synchronisation).
+    """
+    dtype = torch.promote_types(functools.reduce(torch.promote_types, {t.dtype for t in tensors}), torch.float32)
+    if math.isinf(norm_type):  # the max is never out of range, and is exact in every dtype
+        return _torch_get_total_norm(tensors, norm_type, False, None).to(dtype)
+    device = tensors[0].device
+    sums, exponents = [], []
+    for t in tensors:
+        if t.numel() == 0:
+            continue
+        largest = torch.linalg.vector_norm(t, math.inf).double()
+        exponent = torch.frexp(largest).exponent - 1  # largest in [2^exponent, 2^(exponent + 1))
+        # inf and NaN (and so the norm) must survive the combination: give them the largest exponent.
+        exponent = torch.where(largest.isfinite(), exponent.clamp(_MIN_SCALE_EXPONENT, _MAX_SCALE_EXPONENT),
+                               _MAX_SCALE_EXPONENT)
+        powers = t.to(torch.float64, copy=True).mul_(torch.ldexp(torch.ones_like(largest), -exponent)).abs_()
+        sums.append((powers if norm_type == 1.0 else powers.pow_(norm_type)).sum().to(device))
+        exponents.append(exponent.to(device))
+    if not sums:
+        return torch.zeros((), dtype=dtype, device=device)
+    exponents = torch.stack(exponents)
+    top = exponents.max()
+    # (2^(e - top))^p: exact for p = 1 and 2; partials far below the top may become 0, harmlessly.
+    total = (torch.stack(sums) * torch.exp2((exponents - top).double() * norm_type)).sum()
+    return torch.ldexp(total ** (1.0 / norm_type), top).to(dtype)
+
+
 class TorchBackend(Backend):
     """Pure-PyTorch reference backend: serves every input torch accepts, on every device."""
 
     name = "torch"
 
-    def get_total_norm(self, tensors, norm_type, foreach):
+    def get_total_norm(self, tensors, norm_type, foreach, overflow_safe=False):
+        if overflow_safe:
+            return overflow_safe_total_norm(tensors, norm_type)
         return _torch_get_total_norm(tensors, norm_type, False, foreach)
 
     def clip_grads_with_norm_(self, grads, max_norm, total_norm, foreach):

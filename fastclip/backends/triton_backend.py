@@ -19,7 +19,6 @@ from fastclip._inputs import summarize
 from fastclip.backends.base import Backend, fused_kernel_refusal
 
 
-
 @functools.cache
 def _kernels_error() -> str | None:
     if importlib.util.find_spec("triton") is None:
@@ -61,11 +60,11 @@ class TritonBackend(Backend):
             return f"norm_type {norm_type} with float64 gradients has no Triton kernel (p-th powers are not fp64-exact)"
         return refusal
 
-    def get_total_norm(self, tensors, norm_type, foreach):
-        return torch.ops.fastclip_triton.total_norm(tensors, norm_type)
+    def get_total_norm(self, tensors, norm_type, foreach, overflow_safe=False):
+        return torch.ops.fastclip_triton.total_norm(tensors, norm_type, overflow_safe)
 
-    def clip_(self, grads, max_norm, norm_type, foreach):
-        return torch.ops.fastclip_triton.clip_(grads, max_norm, norm_type)
+    def clip_(self, grads, max_norm, norm_type, foreach, overflow_safe=False):
+        return torch.ops.fastclip_triton.clip_(grads, max_norm, norm_type, overflow_safe)
 
     def clip_grads_with_norm_(self, grads, max_norm, total_norm, foreach):
         torch.ops.fastclip_triton.scale_with_norm_(grads, max_norm, total_norm)
