@@ -115,6 +115,31 @@ def test_no_host_synchronisation(name):
         torch.cuda.set_sync_debug_mode("default")
 
 
+@pytest.mark.parametrize("name", FUSED_BACKENDS)
+def test_workspace_does_not_grow_with_gradient_size_on_cuda(name):
+    """Peak GPU memory during clipping: a few bytes per tensor and per 64K-element chunk, never a
+    copy of a gradient, whether the gradients total 32 MiB or 512 MiB (with the overflow-safe
+    norm too, where the backend has it)."""
+    require_backend(name, "cuda")
+    modes = [False, True] if name == "triton" else [False]
+    for total_mib in (32, 512):
+        params = []
+        for _ in range(64):
+            p = torch.zeros(total_mib * 2**20 // 4 // 64, device="cuda")
+            p.grad = torch.randn(p.shape, device="cuda") * 10
+            params.append(p)
+        for overflow_safe in modes:
+            fastclip.clip_(params, 1.0, backend=name, overflow_safe=overflow_safe)  # set-up, autotuning
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            fastclip.clip_(params, 1.0, backend=name, overflow_safe=overflow_safe)
+            fastclip.get_total_norm([p.grad for p in params], backend=name, overflow_safe=overflow_safe)
+            torch.cuda.synchronize()
+            growth = torch.cuda.max_memory_allocated() - base
+            assert growth < 2**20, f"{total_mib} MiB, overflow_safe={overflow_safe}: peak grew by {growth} bytes"
+
+
 _PATH_SCRIPT = """
 import torch, fastclip, sys
 g = torch.Generator().manual_seed(0)

@@ -1,9 +1,11 @@
 """Robustness at the extremes users hit: many threads at once, 100,000 tiny tensors, a tensor of more
-than 2^31 elements. Every backend that serves CPU tensors here; the Triton interpreter is left out
+than 2^31 elements, peak memory that does not grow with the gradients' size. Every backend that serves CPU tensors here; the Triton interpreter is left out
 where it would run one Python program per tensor for minutes (the GPU tests cover Triton there)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -90,3 +92,41 @@ def test_tensor_of_more_than_2_to_the_31_elements(backend, dtype):
     torch.nn.utils.clip_grads_with_norm_([small], 6.5, norm)
     assert torch.equal(grad[-5:], expected)
     assert int(torch.count_nonzero(grad[: n - 3])) == 0
+
+
+_PEAK_MEMORY_SCRIPT = """
+import resource, sys, torch, fastclip
+backend, total_mib, overflow_safe = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+params = []
+for _ in range(64):
+    p = torch.zeros(total_mib * 2**20 // 4 // 64)
+    p.grad = torch.randn(p.shape) * 10  # a norm far above max_norm: every call scales
+    params.append(p)
+warm_up = [torch.zeros(70_000, requires_grad=True) for _ in range(2)]
+for w in warm_up:
+    w.grad = torch.randn(w.shape)
+fastclip.clip_(warm_up, 1e-3, backend=backend, overflow_safe=overflow_safe)  # first-call set-up, small
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for _ in range(3):
+    fastclip.clip_(params, 1.0, backend=backend, overflow_safe=overflow_safe)
+    fastclip.get_total_norm([p.grad for p in params], backend=backend, overflow_safe=overflow_safe)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print("growth_kib", after - before)
+"""
+
+
+@pytest.mark.parametrize("overflow_safe", [False, True], ids=["plain", "overflow_safe"])
+def test_workspace_does_not_grow_with_gradient_size(backend, overflow_safe):
+    """Peak memory (the process's resident high-water mark, in a fresh process) grows by less than
+    4 MiB while clipping 32 MiB or 256 MiB of gradients: no call copies a gradient. The torch
+    backend's overflow-safe norm, a reference implementation, makes an fp64 copy of one gradient at
+    a time and is left out; the Triton interpreter is left out (test_cuda checks GPU memory)."""
+    if backend == "triton":
+        pytest.skip("the Triton interpreter is not a memory test; covered on GPU")
+    if backend == "torch" and overflow_safe:
+        pytest.skip("the torch backend's overflow-safe norm copies one gradient at a time to fp64")
+    for total_mib in (32, 256):
+        result = subprocess.run([sys.executable, "-c", _PEAK_MEMORY_SCRIPT, backend, str(total_mib), str(int(overflow_safe))],
+                                capture_output=True, text=True, check=True)
+        growth_kib = int(result.stdout.split("growth_kib")[1])
+        assert growth_kib < 4096, f"{total_mib} MiB of gradients: peak memory grew by {growth_kib} KiB"
