@@ -24,10 +24,10 @@ from harness import assert_same, refusal_reason
 def _exact_norm(tensors: list[torch.Tensor], p: float) -> float:
     """The p-norm of every element as one vector, in decimal arithmetic, rounded once to float64."""
     values = [abs(v) for t in tensors for v in t.detach().double().reshape(-1).tolist()]
+    if any(math.isnan(v) for v in values):  # before max(), which skips or keeps NaN by position
+        return math.nan
     if math.isinf(p):
         return max(values, default=0.0)
-    if any(math.isnan(v) for v in values):
-        return math.nan
     if any(math.isinf(v) for v in values):
         return math.inf
     with decimal.localcontext(decimal.Context(prec=60, Emin=-10**6, Emax=10**6)):
