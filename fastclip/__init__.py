@@ -4,7 +4,15 @@
 """
 
 from fastclip.api import available_backends, clip_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
+from fastclip.patch import patch_torch
 
 __version__ = "0.1.0"
 
-__all__ = ["available_backends", "clip_", "clip_grad_value_", "clip_grads_with_norm_", "get_total_norm"]
+__all__ = [
+    "available_backends",
+    "clip_",
+    "clip_grad_value_",
+    "clip_grads_with_norm_",
+    "get_total_norm",
+    "patch_torch",
+]
