@@ -16,6 +16,7 @@
 #include <deque>
 #include <mutex>
 #include <string>
+#include <tuple>
 #include <unordered_map>
 #include <vector>
 
@@ -109,8 +110,9 @@ bool is_capturing(cudaStream_t stream) {
 }
 
 // Runs the kernels: norm (into a new 0-dim tensor of total_type, returned) and/or scale.
+// With tensor_norms_out, also sets it to the per-tensor norms (float64, a view of the scratch).
 at::Tensor run(at::TensorList tensors, const Norm& norm, at::ScalarType total_type, double max_norm, bool compute_norm,
-               bool scale, const at::Tensor* given_total) {
+               bool scale, const at::Tensor* given_total, at::Tensor* tensor_norms_out = nullptr) {
   const at::Device device = tensors[0].device();
   TORCH_CHECK(device.is_cuda(), "fastclip: expected CUDA tensors, got one on ", device);
   const c10::cuda::CUDAGuard guard(device);
@@ -141,6 +143,7 @@ at::Tensor run(at::TensorList tensors, const Norm& norm, at::ScalarType total_ty
   // Always written back: whether the kernel scaled is known only on the device, and the host must
   // not ask. Only non-dense gradients have copies; they are rare.
   if (scale) kernel_tensors.write_back();
+  if (tensor_norms_out != nullptr) *tensor_norms_out = scratch.narrow(0, table.layout.num_chunks, table.layout.num_tensors);
   return total;
 }
 
@@ -166,6 +169,16 @@ at::Tensor clip_cuda(at::TensorList grads, double max_norm, double norm_type, bo
   return run(grads, norm, total_norm_type(grads), max_norm, /*compute_norm=*/true, /*scale=*/true, nullptr);
 }
 
+std::tuple<at::Tensor, at::Tensor> clip_with_tensor_norms_cuda(at::TensorList grads, double max_norm, double norm_type) {
+  TORCH_CHECK(!grads.empty(), "fastclip: clip_with_tensor_norms_ needs at least one gradient");
+  const Norm norm = kernel_norm(norm_type);
+  check_inf_norm_of_empty(grads, norm);
+  at::Tensor tensor_norms;
+  at::Tensor total = run(grads, norm, total_norm_type(grads), max_norm, /*compute_norm=*/true, /*scale=*/true, nullptr,
+                         &tensor_norms);
+  return {total, tensor_norms};
+}
+
 void scale_with_norm_cuda(at::TensorList grads, double max_norm, const at::Tensor& total_norm) {
   TORCH_CHECK(!grads.empty(), "fastclip: scale_with_norm_ needs at least one gradient");
   TORCH_CHECK(total_norm.numel() == 1, "fastclip: total_norm must have one element");
@@ -180,6 +193,7 @@ TORCH_LIBRARY_IMPL(fastclip, CUDA, m) {
   m.impl("total_norm", &total_norm_cuda);
   m.impl("clip_", &clip_cuda);
   m.impl("scale_with_norm_", &scale_with_norm_cuda);
+  m.impl("clip_with_tensor_norms_", &clip_with_tensor_norms_cuda);
 }
 
 }  // namespace fastclip

@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <tuple>
 #include <vector>
 
 #include "cpu/clip_kernels.h"
@@ -50,6 +51,17 @@ at::Tensor overflow_safe_total(const KernelTensors& kernel_tensors, Norm norm, a
   return at::scalar_tensor(total, at::TensorOptions().dtype(at::kDouble)).to(type);
 }
 
+// torch's norm (per-tensor norms rounded to their dtypes, then the norm of those) and the scaling;
+// the per-tensor norms also go to tensor_norms_out (one double per gradient) if it is not null.
+at::Tensor clip_with_torch_norms(at::TensorList grads, double max_norm, Norm norm, double* tensor_norms_out) {
+  const at::ScalarType total_type = total_norm_type(grads);
+  KernelTensors kernel_tensors(grads, total_type);
+  const cpu::ClipResult result = cpu::clip(kernel_tensors.views.data(), kernel_tensors.views.size(), norm,
+                                           kernel_dtype(total_type), max_norm, aten_parallel_for(), tensor_norms_out);
+  if (result.coefficient != 1.0) kernel_tensors.write_back();
+  return at::scalar_tensor(result.total_norm, at::TensorOptions().dtype(total_type));
+}
+
 at::Tensor total_norm_cpu(at::TensorList tensors, double norm_type, bool overflow_safe) {
   TORCH_CHECK(!tensors.empty(), "fastclip: total_norm needs at least one tensor");
   const Norm norm = kernel_norm(norm_type);
@@ -79,12 +91,16 @@ at::Tensor clip_cpu(at::TensorList grads, double max_norm, double norm_type, boo
     if (coefficient != 1.0) kernel_tensors.write_back();
     return total;
   }
-  const at::ScalarType total_type = total_norm_type(grads);
-  KernelTensors kernel_tensors(grads, total_type);
-  const cpu::ClipResult result = cpu::clip(kernel_tensors.views.data(), kernel_tensors.views.size(), norm,
-                                           kernel_dtype(total_type), max_norm, aten_parallel_for(), nullptr);
-  if (result.coefficient != 1.0) kernel_tensors.write_back();
-  return at::scalar_tensor(result.total_norm, at::TensorOptions().dtype(total_type));
+  return clip_with_torch_norms(grads, max_norm, norm, nullptr);
+}
+
+std::tuple<at::Tensor, at::Tensor> clip_with_tensor_norms_cpu(at::TensorList grads, double max_norm, double norm_type) {
+  TORCH_CHECK(!grads.empty(), "fastclip: clip_with_tensor_norms_ needs at least one gradient");
+  const Norm norm = kernel_norm(norm_type);
+  check_inf_norm_of_empty(grads, norm);
+  at::Tensor tensor_norms = at::empty({static_cast<int64_t>(grads.size())}, at::TensorOptions().dtype(at::kDouble));
+  at::Tensor total = clip_with_torch_norms(grads, max_norm, norm, tensor_norms.data_ptr<double>());
+  return {total, tensor_norms};
 }
 
 void scale_with_norm_cpu(at::TensorList grads, double max_norm, const at::Tensor& total_norm) {
@@ -102,12 +118,16 @@ TORCH_LIBRARY(fastclip, m) {
   m.def("total_norm(Tensor[] tensors, float norm_type, bool overflow_safe=False) -> Tensor");
   m.def("clip_(Tensor(a!)[] grads, float max_norm, float norm_type, bool overflow_safe=False) -> Tensor");
   m.def("scale_with_norm_(Tensor(a!)[] grads, float max_norm, Tensor total_norm) -> ()");
+  // clip_ that also returns each gradient's norm (float64, as torch's per-tensor norms, rounded to
+  // the gradient's dtype): from the same pass, for monitoring.
+  m.def("clip_with_tensor_norms_(Tensor(a!)[] grads, float max_norm, float norm_type) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastclip, CPU, m) {
   m.impl("total_norm", &total_norm_cpu);
   m.impl("clip_", &clip_cpu);
   m.impl("scale_with_norm_", &scale_with_norm_cpu);
+  m.impl("clip_with_tensor_norms_", &clip_with_tensor_norms_cpu);
 }
 
 }  // namespace fastclip

@@ -3,16 +3,26 @@
     total_norm = fastclip.clip_(model.parameters(), max_norm=1.0)
 """
 
-from fastclip.api import available_backends, clip_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
+from fastclip.api import (
+    available_backends,
+    clip_,
+    clip_grad_value_,
+    clip_grads_with_norm_,
+    clip_with_tensor_norms_,
+    get_total_norm,
+)
+from fastclip.monitor import ClipMonitor
 from fastclip.patch import patch_torch
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ClipMonitor",
     "available_backends",
     "clip_",
     "clip_grad_value_",
     "clip_grads_with_norm_",
+    "clip_with_tensor_norms_",
     "get_total_norm",
     "patch_torch",
 ]

@@ -95,6 +95,35 @@ def clip_(
 
 
 @torch.no_grad()
+def clip_with_tensor_norms_(
+    parameters: TensorOrTensors, max_norm: float | torch.Tensor, norm_type: float | str = 2.0, *, backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r""":func:`clip_` that also returns each gradient's norm, from the same pass (no extra read).
+
+    Args:
+        parameters (Iterable[Tensor] or Tensor): as in :func:`clip_`.
+        max_norm (float or Tensor): as in :func:`clip_`.
+        norm_type (float or str): as in :func:`clip_`. Default: 2.0
+        backend (str): as in :func:`clip_`. Default: ``"auto"``
+
+    Returns:
+        (total norm, per-gradient norms): the total as :func:`clip_` returns it; the per-gradient
+        norms as a float64 vector on the gradients' device, in the order of the gradients (those
+        that are not None), each the norm torch computes for that gradient, in its dtype's precision.
+    """
+    parameters = as_tensor_list(parameters, "parameters", warn_empty_generator=True)
+    max_norm = parse_max_norm(max_norm)
+    norm_type = parse_norm_type(norm_type)
+    grads = grads_of(parameters)
+    summary = summarize(grads)
+    check_gradients(grads, summary, "parameters", written=True)
+    impl = select_backend(backend, grads, norm_type, summary)
+    if not grads:
+        return torch.tensor(0.0), torch.zeros(0, dtype=torch.float64)
+    return impl.clip_with_tensor_norms_(grads, max_norm, norm_type)
+
+
+@torch.no_grad()
 def get_total_norm(
     tensors: TensorOrTensors,
     norm_type: float | str = 2.0,

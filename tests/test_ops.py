@@ -33,15 +33,16 @@ def _cases(device: str):
         (torch.ops.fastclip.scale_with_norm_.default, (tensors, 0.1, norm)),
         (torch.ops.fastclip.total_norm.default, (tensors, 3.0, True)),
         (torch.ops.fastclip.clip_.default, (tensors, 0.1, 2.0, True)),
+        (torch.ops.fastclip.clip_with_tensor_norms_.default, (tensors, 0.1, 2.0)),
     ]
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", range(7))
+@pytest.mark.parametrize("case", range(8))
 def test_opcheck(device, case):
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device visible")
-    if device == "cuda" and case >= 5:
+    if device == "cuda" and case in (5, 6):
         pytest.skip("the CUDA kernel has no overflow-safe variant (the Triton backend serves it)")
     require_backend("cpp", device)  # also registers the fake kernels
     op, args = _cases(device)[case]

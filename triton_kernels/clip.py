@@ -628,9 +628,10 @@ def _checked_total_dtype(tensors: list[torch.Tensor], what: str) -> torch.dtype:
 
 
 def _run_norm(tensors: list[torch.Tensor], norm_type: float, max_norm: float, total_dtype: torch.dtype,
-              overflow_safe: bool = False):
+              overflow_safe: bool = False, tensor_norms_out: torch.Tensor | None = None):
     """Launch 1. Returns (total norm tensor, coefficient tensor, tables); the coefficient has the
-    total norm's dtype (which for the overflow-safe norm the caller has widened to fp32 or more)."""
+    total norm's dtype (which for the overflow-safe norm the caller has widened to fp32 or more).
+    ``tensor_norms_out`` (float64 zeros, one per tensor), if given, receives the per-tensor norms."""
     kind = _norm_kind(norm_type)
     safe = overflow_safe and kind != NORM_INF  # a max never overflows: the plain kernel is exact
     numels = list(map(torch.Tensor.numel, tensors))
@@ -654,7 +655,8 @@ def _run_norm(tensors: list[torch.Tensor], norm_type: float, max_norm: float, to
         partial_exponents = torch.empty(num_chunks, dtype=torch.int32, device=device)
         tensor_exponents = torch.full((len(tensors),), _MIN_SCALE_EXPONENT.value, dtype=torch.int32, device=device)
     else:
-        tensor_norms = torch.empty(len(tensors), dtype=torch.float64, device=device)
+        tensor_norms = tensor_norms_out if tensor_norms_out is not None else torch.empty(
+            len(tensors), dtype=torch.float64, device=device)
         partial_exponents = tensor_exponents = counters  # not read
     wrap_triton(_norm_kernel_tuned)[(num_chunks,)](
         chunks, table, partials, tensor_norms, counters, total, coefficient, partial_exponents, tensor_exponents,
@@ -701,6 +703,21 @@ def clip_(grads: list[torch.Tensor], max_norm: float, norm_type: float, overflow
     for original, copy in copies:  # whether anything was scaled is known only on the device
         original.copy_(copy)
     return total
+
+
+@triton_op("fastclip_triton::clip_with_tensor_norms_", mutates_args={"grads"})
+def clip_with_tensor_norms_(grads: list[torch.Tensor], max_norm: float,
+                            norm_type: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """clip_ that also returns the per-tensor norms its first launch computes (float64, each rounded
+    to its gradient's dtype; 0 for an empty gradient)."""
+    total_dtype = _total_dtype(grads, "clip_with_tensor_norms_", False)
+    dense, copies = _dense(grads)
+    tensor_norms = torch.zeros(len(grads), dtype=torch.float64, device=grads[0].device)
+    total, coefficient, tables = _run_norm(dense, norm_type, max_norm, total_dtype, False, tensor_norms)
+    _run_scale(tables, coefficient, total_dtype)
+    for original, copy in copies:
+        original.copy_(copy)
+    return total, tensor_norms
 
 
 @triton_op("fastclip_triton::scale_with_norm_", mutates_args={"grads"})

@@ -63,6 +63,13 @@ class Backend:
         self.clip_grads_with_norm_(grads, max_norm, total_norm, foreach)
         return total_norm
 
+    def clip_with_tensor_norms_(
+        self, grads: list[torch.Tensor], max_norm: float, norm_type: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`clip_` that also returns each gradient's norm (a float64 vector, each value
+        torch's per-tensor norm, rounded to the gradient's dtype), from the same pass."""
+        raise NotImplementedError
+
     def clip_grad_value_(self, grads: list[torch.Tensor], clip_value: float, foreach: bool | None) -> None:
         """Clamp every element of ``grads`` to ``[-clip_value, clip_value]`` in place.
 

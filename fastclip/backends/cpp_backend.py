@@ -32,6 +32,11 @@ def _register_fake_kernels() -> None:
     def _(grads, max_norm, norm_type, overflow_safe=False):
         return grads[0].new_empty((), dtype=_total_norm_dtype(grads, overflow_safe))
 
+    @torch.library.register_fake("fastclip::clip_with_tensor_norms_")
+    def _(grads, max_norm, norm_type):
+        return (grads[0].new_empty((), dtype=_total_norm_dtype(grads, False)),
+                grads[0].new_empty((len(grads),), dtype=torch.float64))
+
     @torch.library.register_fake("fastclip::scale_with_norm_")
     def _(grads, max_norm, total_norm):
         return None
@@ -67,6 +72,9 @@ class CppBackend(Backend):
 
     def clip_(self, grads, max_norm, norm_type, foreach, overflow_safe=False):
         return torch.ops.fastclip.clip_(grads, max_norm, norm_type, overflow_safe)
+
+    def clip_with_tensor_norms_(self, grads, max_norm, norm_type):
+        return torch.ops.fastclip.clip_with_tensor_norms_(grads, max_norm, norm_type)
 
     def clip_grads_with_norm_(self, grads, max_norm, total_norm, foreach):
         torch.ops.fastclip.scale_with_norm_(grads, max_norm, total_norm.to(grads[0].device))

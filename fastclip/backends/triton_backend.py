@@ -66,5 +66,8 @@ class TritonBackend(Backend):
     def clip_(self, grads, max_norm, norm_type, foreach, overflow_safe=False):
         return torch.ops.fastclip_triton.clip_(grads, max_norm, norm_type, overflow_safe)
 
+    def clip_with_tensor_norms_(self, grads, max_norm, norm_type):
+        return torch.ops.fastclip_triton.clip_with_tensor_norms_(grads, max_norm, norm_type)
+
     def clip_grads_with_norm_(self, grads, max_norm, total_norm, foreach):
         torch.ops.fastclip_triton.scale_with_norm_(grads, max_norm, total_norm)
