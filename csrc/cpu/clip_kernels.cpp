@@ -292,11 +292,13 @@ ScaledPartial scaled_partial(const TensorView& t, const Chunk& c, Norm norm) {
 }
 
 // (2^shift)^p for shift <= 0: the factor that brings a partial to the common exponent. Exact for
-// the L1 and L2 norms; harmlessly 0 for partials far below the largest.
-double exponent_weight(int shift, Norm norm) {
-  if (norm.kind == NormKind::kL2) return std::ldexp(1.0, 2 * shift);
-  if (norm.kind == NormKind::kL1) return std::ldexp(1.0, shift);
-  return static_cast<double>(std::exp2(static_cast<long double>(norm.p) * shift));
+// the L1 and L2 norms; for other p in long double, where its rounding is negligible (a rounded
+// weight per chunk would add up to an ulp to the sum, which a root with p < 1 then magnifies).
+// Harmlessly 0 for partials far below the largest.
+long double exponent_weight(int shift, Norm norm) {
+  if (norm.kind == NormKind::kL2) return std::ldexp(1.0L, 2 * shift);
+  if (norm.kind == NormKind::kL1) return std::ldexp(1.0L, shift);
+  return std::exp2(static_cast<long double>(norm.p) * shift);
 }
 
 }  // namespace
@@ -315,11 +317,11 @@ double overflow_safe_norm(const TensorView* tensors, int64_t count, Norm norm, c
   }
   int top = kMinScaleExponent;
   for (const ScaledPartial& partial : partials) top = std::max(top, partial.exponent);
-  double sum = 0.0;  // in chunk order, like every other sum here
+  long double sum = 0.0L;  // in chunk order, like every other sum here; rounded once, below
   for (const ScaledPartial& partial : partials) sum += partial.sum * exponent_weight(partial.exponent - top, norm);
-  double root = sum;
-  if (norm.kind == NormKind::kL2) root = std::sqrt(sum);
-  if (norm.kind == NormKind::kP) root = static_cast<double>(std::pow(static_cast<long double>(sum), 1.0L / norm.p));
+  double root = static_cast<double>(sum);
+  if (norm.kind == NormKind::kL2) root = std::sqrt(root);
+  if (norm.kind == NormKind::kP) root = static_cast<double>(std::pow(sum, 1.0L / norm.p));
   return std::ldexp(root, top);
 }
 
