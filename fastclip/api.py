@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from fastclip._dispatch import backend_status, select_backend
+from fastclip.distributed import global_norm, split_shards
 from fastclip._inputs import (
     TensorOrTensors,
     as_tensor_list,
@@ -20,6 +21,18 @@ from fastclip._inputs import (
     parse_norm_type,
     summarize,
 )
+
+
+def _distributed_norm(backend, local, shard_sets, norm_type, full_dtype, overflow_safe, summary):
+    """(backend, global norm) for sharded gradients: the local shards' norm from a fused kernel
+    (overflow-safe, so each process's share is exact to fp32 or better), one all_reduce per set."""
+    if not norm_type > 0:
+        raise ValueError(f"the norm of distributed gradients needs norm_type > 0 or inf, got {norm_type}")
+    impl = select_backend(backend, local, norm_type, summary, overflow_safe=True)
+    dtype = torch.promote_types(full_dtype, torch.float32) if overflow_safe else full_dtype
+    total_norm = global_norm(shard_sets, norm_type, dtype,
+                             lambda tensors: impl.get_total_norm(tensors, norm_type, None, True))
+    return impl, total_norm
 
 
 def _raise_if_nonfinite(total_norm: torch.Tensor, norm_type: float) -> None:
@@ -41,6 +54,7 @@ def clip_(
     foreach: bool | None = None,
     *,
     overflow_safe: bool = False,
+    group: "torch.distributed.ProcessGroup | None" = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     r"""Clip the gradient norm of an iterable of parameters, in place: a drop-in for
@@ -68,6 +82,11 @@ def clip_(
             all elements as one vector, not rounded per gradient, and its dtype is torch's widened
             to at least float32. Needs ``norm_type`` > 0 or ``inf``. Default: False (torch's
             results)
+        group (ProcessGroup, optional): the process group over which plain-tensor gradients are
+            shards of one whole (each rank holds different elements, as with Megatron-style model
+            parallelism): the norm is that of all ranks' elements together, the same on every rank,
+            from one ``all_reduce``. DTensor gradients (FSDP2, tensor parallel) need no ``group``:
+            their meshes say how they are sharded. Default: None (plain tensors are local)
         backend (str): ``"auto"`` (default; overridden by ``FASTCLIP_BACKEND``), ``"torch"``,
             ``"cpp"`` or ``"triton"``. A named backend that cannot serve the call raises.
 
@@ -79,10 +98,16 @@ def clip_(
     parameters = as_tensor_list(parameters, "parameters", warn_empty_generator=True)
     max_norm = parse_max_norm(max_norm)
     norm_type = parse_norm_type(norm_type)
-    grads = grads_of(parameters)
+    overflow_safe = parse_overflow_safe(overflow_safe, norm_type)
+    grads, shard_sets, full_dtype = split_shards(grads_of(parameters), group)
     summary = summarize(grads)
     check_gradients(grads, summary, "parameters", written=True)
-    overflow_safe = parse_overflow_safe(overflow_safe, norm_type)
+    if shard_sets:
+        impl, total_norm = _distributed_norm(backend, grads, shard_sets, norm_type, full_dtype, overflow_safe, summary)
+        if error_if_nonfinite:
+            _raise_if_nonfinite(total_norm, norm_type)
+        impl.clip_grads_with_norm_(grads, max_norm, total_norm, foreach)
+        return total_norm
     impl = select_backend(backend, grads, norm_type, summary, overflow_safe)
     if not grads:
         return torch.tensor(0.0)
@@ -131,6 +156,7 @@ def get_total_norm(
     foreach: bool | None = None,
     *,
     overflow_safe: bool = False,
+    group: "torch.distributed.ProcessGroup | None" = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     r"""Compute the norm of an iterable of tensors: a drop-in for :func:`torch.nn.utils.get_total_norm`.
@@ -141,6 +167,7 @@ def get_total_norm(
         error_if_nonfinite (bool): if True, raise when the norm is NaN or infinite. Default: False
         foreach (bool, optional): as in :func:`clip_`. Default: None
         overflow_safe (bool): as in :func:`clip_`. Default: False
+        group (ProcessGroup, optional): as in :func:`clip_`. Default: None
         backend (str): as in :func:`clip_`. Default: ``"auto"``
 
     Returns:
@@ -148,9 +175,15 @@ def get_total_norm(
     """
     tensors = as_tensor_list(tensors, "tensors", warn_empty_generator=False)
     norm_type = parse_norm_type(norm_type)
+    overflow_safe = parse_overflow_safe(overflow_safe, norm_type)
+    tensors, shard_sets, full_dtype = split_shards(tensors, group)
     summary = summarize(tensors)
     check_gradients(tensors, summary, "tensors", written=False)
-    overflow_safe = parse_overflow_safe(overflow_safe, norm_type)
+    if shard_sets:
+        _, total_norm = _distributed_norm(backend, tensors, shard_sets, norm_type, full_dtype, overflow_safe, summary)
+        if error_if_nonfinite:
+            _raise_if_nonfinite(total_norm, norm_type)
+        return total_norm
     impl = select_backend(backend, tensors, norm_type, summary, overflow_safe)
     if not tensors:
         return torch.tensor(0.0)
@@ -188,7 +221,7 @@ def clip_grads_with_norm_(
     max_norm = parse_max_norm(max_norm)
     if not isinstance(total_norm, torch.Tensor):
         raise TypeError(f"total_norm must be a Tensor, got {type(total_norm).__name__}")
-    grads = grads_of(parameters)
+    grads, _, _ = split_shards(grads_of(parameters), None)  # scaling is elementwise: local shards
     summary = summarize(grads)
     check_gradients(grads, summary, "parameters", written=True)
     impl = select_backend(backend, grads, None, summary)

@@ -1,0 +1,111 @@
+"""The global norm of gradients spread over processes: DTensor gradients (FSDP2 ``fully_shard``,
+tensor parallelism) and hand-sharded ones (``group=``, Megatron style).
+
+Each process computes the norm of its local shards with a fused kernel, turns it into its share of
+the global sum of |g|^p (or max), and one ``all_reduce`` per set of shards (SUM, or MAX for the inf
+norm) on the device gives the global value; the root follows, and every process scales its own
+shards by the same coefficient. Nothing waits on the host: the collectives are stream-ordered.
+Collectives are torch.distributed's own, nothing home-made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import torch
+import torch.distributed as dist
+
+
+@dataclasses.dataclass
+class ShardSet:
+    """Local tensors whose norms add up over ``groups`` (each process holds different elements);
+    no groups means the tensors are the same on every process (replicated) and add up locally."""
+
+    tensors: list[torch.Tensor]
+    groups: tuple = ()
+
+
+def _dtensor_class():
+    if not dist.is_available():
+        return None
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+def split_shards(grads: list[torch.Tensor], group) -> tuple[list[torch.Tensor], list[ShardSet], torch.dtype | None]:
+    """Local tensors of ``grads`` and how their norms combine across processes.
+
+    Args:
+        grads: gradients, plain tensors and/or DTensors.
+        group: the process group over which plain tensors are shards of one whole (``group=``), or
+            None if plain tensors are local (replicated) values.
+
+    Returns:
+        (every local tensor, the shard sets, the dtype of the total as torch computes it from the
+        full gradients); the shard sets are empty when nothing is distributed.
+    """
+    dtensor = _dtensor_class()
+    if group is None and (dtensor is None or not any(isinstance(g, dtensor) for g in grads)):
+        return grads, [], None
+    sets: dict[tuple, ShardSet] = {}
+    local = []
+    for g in grads:
+        if dtensor is not None and isinstance(g, dtensor):
+            groups = []
+            for dim, placement in enumerate(g.placements):
+                if placement.is_partial():
+                    raise ValueError("fastclip: DTensor gradients with Partial placements are not reduced yet; "
+                                     "redistribute them to Shard or Replicate first")
+                if placement.is_shard():
+                    groups.append(g.device_mesh.get_group(dim))
+            g = g.to_local()
+            groups = tuple(groups)
+        else:
+            groups = () if group is None else (group,)
+        local.append(g)
+        sets.setdefault(tuple(map(id, groups)), ShardSet([], groups)).tensors.append(g)
+    total_dtype = functools.reduce(torch.promote_types, {g.dtype for g in local})
+    return local, list(sets.values()), total_dtype
+
+
+def global_norm(shard_sets: list[ShardSet], norm_type: float, total_dtype: torch.dtype, local_norm) -> torch.Tensor:
+    """The norm of all shards of all sets as one vector, identical on every process.
+
+    Args:
+        shard_sets: from :func:`split_shards`.
+        norm_type: p > 0 or inf.
+        total_dtype: the dtype of the result.
+        local_norm: ``local_norm(tensors)``: the overflow-safe norm of local tensors (fp32 or
+            wider, on their device), from a fused kernel.
+
+    Returns:
+        A 0-dim tensor of ``total_dtype`` on the first shard's device.
+    """
+    device = next(t.device for s in shard_sets for t in s.tensors)
+    if math.isinf(norm_type):
+        # [max, any NaN]: a MAX reduction need not propagate NaN (gloo's does not), so NaN travels
+        # as a flag in the same collective.
+        result = torch.zeros(2, dtype=torch.float64, device=device)
+        for shard_set in shard_sets:
+            part = torch.zeros(2, dtype=torch.float64, device=device)
+            # Uneven sharding leaves some shards empty; the inf norm of an empty tensor is an error,
+            # but an empty shard of a non-empty tensor is fine: 0 is the max's identity on norms.
+            nonempty = [t for t in shard_set.tensors if t.numel() > 0]
+            if nonempty:
+                n = local_norm(nonempty).to(device, torch.float64)
+                part = torch.stack([torch.nan_to_num(n, nan=0.0), n.isnan().double()])
+            for group in shard_set.groups:
+                dist.all_reduce(part, op=dist.ReduceOp.MAX, group=group)
+            result = torch.maximum(result, part)
+        return torch.where(result[1] > 0, math.nan, result[0]).to(total_dtype)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for shard_set in shard_sets:
+        # This process's share of the sum of |g|^p, from its shards' (overflow-safe) norm.
+        share = local_norm(shard_set.tensors).to(device, torch.float64) ** norm_type
+        for group in shard_set.groups:
+            dist.all_reduce(share, op=dist.ReduceOp.SUM, group=group)
+        total = total + share
+    return (total ** (1.0 / norm_type)).to(total_dtype)

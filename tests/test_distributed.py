@@ -1,0 +1,119 @@
+"""Distributed gradients, with 2 and 4 processes on CPU (gloo): hand-sharded plain tensors with
+``group=``, DTensor gradients, and FSDP2 ``fully_shard``. On every rank the norm must be torch's
+norm of the unsharded gradients (exactly for inf, E2; within E5 for L2) and every clipped shard
+must be the shard of torch's clipping of the full gradients by that norm (E3).
+
+Each world size is one spawn whose ranks run every case, so processes start once per world size.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHAPES = [(64, 3), (10,), (7, 5, 2), (1,), (33,)]
+
+
+def _full_grads(seed: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=generator) for shape in SHAPES]
+
+
+def _shard(t: torch.Tensor, rank: int, world: int, dtensor_layout: bool = False) -> torch.Tensor:
+    """This rank's piece of t along dim 0, possibly empty: tensor_split's pieces for hand sharding,
+    torch.chunk's (which DTensor's Shard(0) and FSDP2 use: 33 over 4 is 9, 9, 9, 6) for DTensors."""
+    if dtensor_layout:
+        chunks = torch.chunk(t, world, dim=0)
+        return chunks[rank].clone() if rank < len(chunks) else t[:0].clone()
+    return torch.tensor_split(t, world, dim=0)[rank].clone()
+
+
+def _torch_reference(full: list[torch.Tensor], max_norm: float, norm_type: float):
+    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in full]
+    for p, g in zip(params, full):
+        p.grad = g.clone()
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
+    return norm
+
+
+def _check(norm, clipped_local, full, max_norm, norm_type, rank, world, what, dtensor_layout=False):
+    from harness import assert_norm_error_bound, assert_same
+
+    torch_norm = _torch_reference(full, max_norm, norm_type)
+    if math.isinf(norm_type):
+        assert_same(norm, torch_norm, f"{what}: [E2] norm")
+    else:
+        assert_norm_error_bound(norm, torch_norm, full, norm_type)
+    # E3: the shards of torch's clipping of the full gradients by fastclip's norm.
+    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in full]
+    for p, g in zip(params, full):
+        p.grad = g.clone()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    for i, (local, p) in enumerate(zip(clipped_local, params)):
+        assert_same(local, _shard(p.grad, rank, world, dtensor_layout), f"{what}: [E3] shard {i}")
+
+
+def _worker(rank: int, world: int, init_file: str, backends: list[str]) -> None:
+    sys.path.insert(0, HERE)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        import fastclip
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        mesh = init_device_mesh("cpu", (world,))
+        for backend in backends:
+            for norm_type in (2.0, math.inf):
+                max_norm = 0.5
+                full = _full_grads(seed=7)
+
+                # Hand-sharded plain tensors, group= (Megatron style).
+                params = [torch.nn.Parameter(_shard(torch.zeros_like(g), rank, world)) for g in full]
+                for p, g in zip(params, full):
+                    p.grad = _shard(g, rank, world)
+                norm = fastclip.clip_(params, max_norm, norm_type, group=dist.group.WORLD, backend=backend)
+                _check(norm, [p.grad for p in params], full, max_norm, norm_type, rank, world, f"group {backend}")
+                total = fastclip.get_total_norm([_shard(g, rank, world) for g in full], norm_type,
+                                                group=dist.group.WORLD, backend=backend)
+                assert torch.equal(total, norm), "get_total_norm(group=) differs from clip_"
+
+                # DTensor gradients, sharded on dim 0.
+                dparams = [torch.nn.Parameter(distribute_tensor(torch.zeros_like(g), mesh, [Shard(0)])) for g in full]
+                for p, g in zip(dparams, full):
+                    p.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
+                norm = fastclip.clip_(dparams, max_norm, norm_type, backend=backend)
+                _check(norm, [p.grad.to_local() for p in dparams], full, max_norm, norm_type, rank, world,
+                       f"DTensor {backend}", dtensor_layout=True)
+
+        # FSDP2: a real fully_shard model's gradients after backward.
+        from torch.distributed.fsdp import fully_shard
+
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+        reference = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+        reference.load_state_dict(model.state_dict())
+        fully_shard(model, mesh=mesh)
+        x = torch.randn(32, 8, generator=torch.Generator().manual_seed(3))
+        model(x).square().sum().backward()
+        reference(x).square().sum().backward()
+        full = [p.grad.detach().clone() for p in reference.parameters()]  # every rank saw all of x
+        norm = fastclip.clip_(model.parameters(), 0.01)
+        local = [p.grad.to_local() for p in model.parameters()]
+        _check(norm, local, full, 0.01, 2.0, rank, world, "FSDP2", dtensor_layout=True)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_sharded_gradients_give_the_unsharded_result(world, tmp_path):
+    from fastclip._dispatch import backend_status
+
+    backends = [name for name, reason in backend_status("cpu").items() if reason is None]
+    mp.spawn(_worker, args=(world, str(tmp_path / "init"), backends), nprocs=world, join=True)
