@@ -33,6 +33,13 @@ def _requested(backend: str) -> str:
     return forced
 
 
+@torch.compiler.assume_constant_result
+def _unavailable_reason(name: str, device: torch.device) -> str | None:
+    # A property of the machine, not of the call: traced code (torch.compile) takes it as a
+    # constant instead of tracing the dispatcher queries behind it.
+    return BACKENDS[name].unavailable_reason(device)
+
+
 def _reason_not_served(
     backend: Backend, tensors: list[torch.Tensor], norm_type: float | None, summary: TensorSummary,
     overflow_safe: bool,
@@ -43,7 +50,7 @@ def _reason_not_served(
         return f"the tensors are on several devices ({', '.join(sorted(map(str, summary.devices)))})"
     device = next(iter(summary.devices))
     return (
-        backend.unavailable_reason(device)
+        _unavailable_reason(backend.name, device)
         or backend.unsupported_reason(tensors, norm_type, summary)
         or (backend.overflow_safe_refusal(device) if overflow_safe else None)
     )

@@ -85,6 +85,10 @@ def summarize(tensors: list[torch.Tensor]) -> TensorSummary:
         summary = fastclip._C.summarize(tensors)
         if summary is not None:
             return TensorSummary(*summary)
+    if torch.compiler.is_compiling():  # plain comprehensions, which Dynamo traces; traced (fake)
+        # tensors have no memory to overlap, and the compiled graph runs on the real ones unchecked
+        return TensorSummary({t.device for t in tensors}, {t.dtype for t in tensors}, {t.layout for t in tensors},
+                             False, None)
     return TensorSummary(set(map(_device_of, tensors)), set(map(_dtype_of, tensors)), set(map(_layout_of, tensors)),
                          any(map(_overlaps_itself, tensors)), None)
 
@@ -125,6 +129,8 @@ def check_gradients(grads: list[torch.Tensor], summary: TensorSummary, arg_name:
 
 def grads_of(parameters: list[torch.Tensor]) -> list[torch.Tensor]:
     """The gradients of ``parameters``, skipping parameters whose ``.grad`` is None (as torch does)."""
+    if torch.compiler.is_compiling():  # Dynamo traces the comprehension, not attrgetter
+        return [p.grad for p in parameters if p.grad is not None]
     return [g for g in map(_grad_of, parameters) if g is not None]
 
 
