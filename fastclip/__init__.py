@@ -11,6 +11,7 @@ from fastclip.api import (
     clip_with_tensor_norms_,
     get_total_norm,
 )
+from fastclip.amp import unscale_clip_
 from fastclip.monitor import ClipMonitor
 from fastclip.patch import patch_torch
 
@@ -25,4 +26,5 @@ __all__ = [
     "clip_with_tensor_norms_",
     "get_total_norm",
     "patch_torch",
+    "unscale_clip_",
 ]
