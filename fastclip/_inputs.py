@@ -79,7 +79,7 @@ def summarize(tensors: list[torch.Tensor]) -> TensorSummary:
     """
     from fastclip import _extension
 
-    if _extension.load_error() is None and not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and _extension.load_error() is None:
         import fastclip._C
 
         summary = fastclip._C.summarize(tensors)

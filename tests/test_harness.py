@@ -19,8 +19,8 @@ DYADIC = [GradSpec(s.shape, s.dtype, s.layout, "dyadic") for s in SPECS]
 
 
 class NormOneUlpHigh(TorchBackend):
-    def get_total_norm(self, tensors, norm_type, foreach):
-        norm = super().get_total_norm(tensors, norm_type, foreach)
+    def get_total_norm(self, tensors, norm_type, foreach, overflow_safe=False):
+        norm = super().get_total_norm(tensors, norm_type, foreach, overflow_safe)
         return torch.nextafter(norm, torch.tensor(math.inf, dtype=norm.dtype))
 
 
@@ -30,8 +30,8 @@ class SkipsLastGradient(TorchBackend):
 
 
 class MissesOneElement(TorchBackend):
-    def get_total_norm(self, tensors, norm_type, foreach):
-        return super().get_total_norm([tensors[0][1:]] + tensors[1:], norm_type, foreach)
+    def get_total_norm(self, tensors, norm_type, foreach, overflow_safe=False):
+        return super().get_total_norm([tensors[0][1:]] + tensors[1:], norm_type, foreach, overflow_safe)
 
 
 class ScalesTheGaps(TorchBackend):
@@ -45,16 +45,16 @@ class ScalesTheGaps(TorchBackend):
 
 
 class HalfClipsBeforeNormCheck(TorchBackend):
-    def get_total_norm(self, tensors, norm_type, foreach):
+    def get_total_norm(self, tensors, norm_type, foreach, overflow_safe=False):
         tensors[0].mul_(0.5)
-        return super().get_total_norm(tensors, norm_type, foreach)
+        return super().get_total_norm(tensors, norm_type, foreach, overflow_safe)
 
 
 class FusedOnePercentHigh(TorchBackend):
     """Consistent scaling, but a norm 1% too large: E5 must catch it."""
 
-    def get_total_norm(self, tensors, norm_type, foreach):
-        return super().get_total_norm(tensors, norm_type, foreach) * 1.01
+    def get_total_norm(self, tensors, norm_type, foreach, overflow_safe=False):
+        return super().get_total_norm(tensors, norm_type, foreach, overflow_safe) * 1.01
 
 
 class FusedWrongCoefficient(TorchBackend):
