@@ -33,11 +33,16 @@ def _requested(backend: str) -> str:
     return forced
 
 
-@torch.compiler.assume_constant_result
 def _unavailable_reason(name: str, device: torch.device) -> str | None:
     # A property of the machine, not of the call: traced code (torch.compile) takes it as a
-    # constant instead of tracing the dispatcher queries behind it.
+    # constant instead of tracing the dispatcher queries behind it (see below).
     return BACKENDS[name].unavailable_reason(device)
+
+
+# What torch.compiler.assume_constant_result(_unavailable_reason) does, without calling it: it
+# imports torch._dynamo, which would add ~1 s to `import fastclip`. tests/test_compile.py fails
+# if a torch release stops honouring the mark.
+_unavailable_reason._dynamo_marked_constant = True
 
 
 def _reason_not_served(

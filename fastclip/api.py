@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 
 from fastclip._dispatch import backend_status, select_backend
-from fastclip.distributed import global_norm, split_shards
 from fastclip._inputs import (
     TensorOrTensors,
     as_tensor_list,
@@ -21,18 +20,34 @@ from fastclip._inputs import (
     parse_norm_type,
     summarize,
 )
+from fastclip.backends.base import total_norm_dtype
+from fastclip.distributed import global_norm, split_shards
 
 
-def _distributed_norm(backend, local, shard_sets, norm_type, full_dtype, overflow_safe, summary):
+def _distributed_norm(backend, local, shard_sets, norm_type, overflow_safe, summary):
     """(backend, global norm) for sharded gradients: the local shards' norm from a fused kernel
     (overflow-safe, so each process's share is exact to fp32 or better), one all_reduce per set."""
     if not norm_type > 0:
         raise ValueError(f"the norm of distributed gradients needs norm_type > 0 or inf, got {norm_type}")
     impl = select_backend(backend, local, norm_type, summary, overflow_safe=True)
-    dtype = torch.promote_types(full_dtype, torch.float32) if overflow_safe else full_dtype
-    total_norm = global_norm(shard_sets, norm_type, dtype,
+    total_norm = global_norm(shard_sets, norm_type, total_norm_dtype(local, overflow_safe),
                              lambda tensors: impl.get_total_norm(tensors, norm_type, None, True))
     return impl, total_norm
+
+
+def _prepare(tensors, arg_name, norm_type, overflow_safe, group, backend, *, written, shardable=True):
+    """(local tensors, backend, global norm or None): the call's tensors checked (DTensors replaced
+    by their local shards), the backend that serves them, and for sharded tensors (DTensors, or
+    plain ones with ``group``) their global norm, which needs collectives; None otherwise."""
+    tensors, shard_sets = split_shards(tensors, group)
+    if shard_sets and not shardable:
+        raise ValueError(f"{arg_name}: sharded (DTensor) gradients are not supported here")
+    summary = summarize(tensors)
+    check_gradients(tensors, summary, arg_name, written=written)
+    if not shard_sets:
+        return tensors, select_backend(backend, tensors, norm_type, summary, overflow_safe), None
+    impl, total_norm = _distributed_norm(backend, tensors, shard_sets, norm_type, overflow_safe, summary)
+    return tensors, impl, total_norm
 
 
 def _raise_if_nonfinite(total_norm: torch.Tensor, norm_type: float) -> None:
@@ -99,24 +114,18 @@ def clip_(
     max_norm = parse_max_norm(max_norm)
     norm_type = parse_norm_type(norm_type)
     overflow_safe = parse_overflow_safe(overflow_safe, norm_type)
-    grads, shard_sets, full_dtype = split_shards(grads_of(parameters), group)
-    summary = summarize(grads)
-    check_gradients(grads, summary, "parameters", written=True)
-    if shard_sets:
-        impl, total_norm = _distributed_norm(backend, grads, shard_sets, norm_type, full_dtype, overflow_safe, summary)
-        if error_if_nonfinite:
-            _raise_if_nonfinite(total_norm, norm_type)
-        impl.clip_grads_with_norm_(grads, max_norm, total_norm, foreach)
-        return total_norm
-    impl = select_backend(backend, grads, norm_type, summary, overflow_safe)
+    grads, impl, total_norm = _prepare(grads_of(parameters), "parameters", norm_type, overflow_safe, group, backend,
+                                       written=True)
     if not grads:
         return torch.tensor(0.0)
-    if error_if_nonfinite:
+    if total_norm is None:
+        if not error_if_nonfinite:  # the fused path: norm and scaling in one call
+            return impl.clip_(grads, max_norm, norm_type, foreach, overflow_safe)
         total_norm = impl.get_total_norm(grads, norm_type, foreach, overflow_safe)
+    if error_if_nonfinite:
         _raise_if_nonfinite(total_norm, norm_type)
-        impl.clip_grads_with_norm_(grads, max_norm, total_norm, foreach)
-        return total_norm
-    return impl.clip_(grads, max_norm, norm_type, foreach, overflow_safe)
+    impl.clip_grads_with_norm_(grads, max_norm, total_norm, foreach)
+    return total_norm
 
 
 @torch.no_grad()
@@ -139,10 +148,8 @@ def clip_with_tensor_norms_(
     parameters = as_tensor_list(parameters, "parameters", warn_empty_generator=True)
     max_norm = parse_max_norm(max_norm)
     norm_type = parse_norm_type(norm_type)
-    grads = grads_of(parameters)
-    summary = summarize(grads)
-    check_gradients(grads, summary, "parameters", written=True)
-    impl = select_backend(backend, grads, norm_type, summary)
+    grads, impl, _ = _prepare(grads_of(parameters), "parameters", norm_type, False, None, backend, written=True,
+                              shardable=False)
     if not grads:
         return torch.tensor(0.0), torch.zeros(0, dtype=torch.float64)
     return impl.clip_with_tensor_norms_(grads, max_norm, norm_type)
@@ -176,18 +183,11 @@ def get_total_norm(
     tensors = as_tensor_list(tensors, "tensors", warn_empty_generator=False)
     norm_type = parse_norm_type(norm_type)
     overflow_safe = parse_overflow_safe(overflow_safe, norm_type)
-    tensors, shard_sets, full_dtype = split_shards(tensors, group)
-    summary = summarize(tensors)
-    check_gradients(tensors, summary, "tensors", written=False)
-    if shard_sets:
-        _, total_norm = _distributed_norm(backend, tensors, shard_sets, norm_type, full_dtype, overflow_safe, summary)
-        if error_if_nonfinite:
-            _raise_if_nonfinite(total_norm, norm_type)
-        return total_norm
-    impl = select_backend(backend, tensors, norm_type, summary, overflow_safe)
+    tensors, impl, total_norm = _prepare(tensors, "tensors", norm_type, overflow_safe, group, backend, written=False)
     if not tensors:
         return torch.tensor(0.0)
-    total_norm = impl.get_total_norm(tensors, norm_type, foreach, overflow_safe)
+    if total_norm is None:
+        total_norm = impl.get_total_norm(tensors, norm_type, foreach, overflow_safe)
     if error_if_nonfinite:
         _raise_if_nonfinite(total_norm, norm_type)
     return total_norm
@@ -221,7 +221,7 @@ def clip_grads_with_norm_(
     max_norm = parse_max_norm(max_norm)
     if not isinstance(total_norm, torch.Tensor):
         raise TypeError(f"total_norm must be a Tensor, got {type(total_norm).__name__}")
-    grads, _, _ = split_shards(grads_of(parameters), None)  # scaling is elementwise: local shards
+    grads, _ = split_shards(grads_of(parameters), None)  # scaling is elementwise: local shards
     summary = summarize(grads)
     check_gradients(grads, summary, "parameters", written=True)
     impl = select_backend(backend, grads, None, summary)

@@ -11,8 +11,8 @@ Collectives are torch.distributed's own, nothing home-made.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
+import sys
 
 import torch
 import torch.distributed as dist
@@ -28,14 +28,20 @@ class ShardSet:
 
 
 def _dtensor_class():
-    if not dist.is_available():
-        return None
-    from torch.distributed.tensor import DTensor
+    """DTensor, or None while torch.distributed.tensor is not imported: no DTensor can exist then,
+    and importing it (~0.4 s) just to find out would slow down ``import fastclip``."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return None if module is None else module.DTensor
 
-    return DTensor
+
+def _has_dtensors(tensors: list[torch.Tensor]) -> bool:
+    # On every call: the distinct types are collected in C (a model has one or two), so the common
+    # case costs no Python-level pass over the gradients.
+    dtensor = _dtensor_class()
+    return dtensor is not None and any(issubclass(kind, dtensor) for kind in set(map(type, tensors)))
 
 
-def split_shards(grads: list[torch.Tensor], group) -> tuple[list[torch.Tensor], list[ShardSet], torch.dtype | None]:
+def split_shards(grads: list[torch.Tensor], group) -> tuple[list[torch.Tensor], list[ShardSet]]:
     """Local tensors of ``grads`` and how their norms combine across processes.
 
     Args:
@@ -44,12 +50,11 @@ def split_shards(grads: list[torch.Tensor], group) -> tuple[list[torch.Tensor], 
             None if plain tensors are local (replicated) values.
 
     Returns:
-        (every local tensor, the shard sets, the dtype of the total as torch computes it from the
-        full gradients); the shard sets are empty when nothing is distributed.
+        (every local tensor, the shard sets); the shard sets are empty when nothing is distributed.
     """
+    if group is None and not _has_dtensors(grads):
+        return grads, []
     dtensor = _dtensor_class()
-    if group is None and (dtensor is None or not any(isinstance(g, dtensor) for g in grads)):
-        return grads, [], None
     sets: dict[tuple, ShardSet] = {}
     local = []
     for g in grads:
@@ -67,8 +72,7 @@ def split_shards(grads: list[torch.Tensor], group) -> tuple[list[torch.Tensor], 
             groups = () if group is None else (group,)
         local.append(g)
         sets.setdefault(tuple(map(id, groups)), ShardSet([], groups)).tensors.append(g)
-    total_dtype = functools.reduce(torch.promote_types, {g.dtype for g in local})
-    return local, list(sets.values()), total_dtype
+    return local, list(sets.values())
 
 
 def global_norm(shard_sets: list[ShardSet], norm_type: float, total_dtype: torch.dtype, local_norm) -> torch.Tensor:

@@ -264,3 +264,14 @@ def test_gradients_sharing_memory_are_refused_untouched(clip, views, shared):
     else:
         call()
         assert not torch.equal(buffer, torch.arange(1.0, 21.0))
+
+
+def test_import_loads_neither_dynamo_nor_dtensor():
+    """`import fastclip` stays cheap: torch._dynamo (~1 s) and torch.distributed.tensor are loaded
+    only by code that uses them (DTensors are recognised only once their module is imported)."""
+    import subprocess
+    import sys
+
+    code = "import sys, fastclip; print(sorted(m for m in ('torch._dynamo', 'torch.distributed.tensor') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]", result.stdout

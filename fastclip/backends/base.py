@@ -7,6 +7,7 @@ public API handles that check once, between the norm and the scaling, for every 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -79,6 +80,13 @@ class Backend:
         from fastclip.backends.torch_backend import clamp_grads_
 
         clamp_grads_(grads, clip_value, foreach)
+
+
+def total_norm_dtype(tensors: list[torch.Tensor], overflow_safe: bool = False) -> torch.dtype:
+    """The dtype of the total norm: torch.stack of the per-tensor norms promotes every tensor's
+    dtype; the overflow-safe norm is at least float32 (fp16 norms readily exceed 65504)."""
+    dtype = functools.reduce(torch.promote_types, {t.dtype for t in tensors})
+    return torch.promote_types(dtype, torch.float32) if overflow_safe else dtype
 
 
 FUSED_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16, torch.float64})

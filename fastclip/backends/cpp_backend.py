@@ -7,17 +7,10 @@ import functools
 import torch
 
 from fastclip import _extension
-from fastclip.backends.base import Backend, fused_kernel_refusal
+from fastclip.backends.base import Backend, fused_kernel_refusal, total_norm_dtype
 
 # Dispatch key of the extension's kernels for each device type it can serve.
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
-
-
-def _total_norm_dtype(tensors: list[torch.Tensor], overflow_safe: bool) -> torch.dtype:
-    """The dtype torch.stack gives the per-tensor norms: the promotion of every tensor's dtype
-    (and of float32, for the overflow-safe norm)."""
-    dtype = functools.reduce(torch.promote_types, {t.dtype for t in tensors})
-    return torch.promote_types(dtype, torch.float32) if overflow_safe else dtype
 
 
 @functools.cache
@@ -26,15 +19,15 @@ def _register_fake_kernels() -> None:
 
     @torch.library.register_fake("fastclip::total_norm")
     def _(tensors, norm_type, overflow_safe=False):
-        return tensors[0].new_empty((), dtype=_total_norm_dtype(tensors, overflow_safe))
+        return tensors[0].new_empty((), dtype=total_norm_dtype(tensors, overflow_safe))
 
     @torch.library.register_fake("fastclip::clip_")
     def _(grads, max_norm, norm_type, overflow_safe=False):
-        return grads[0].new_empty((), dtype=_total_norm_dtype(grads, overflow_safe))
+        return grads[0].new_empty((), dtype=total_norm_dtype(grads, overflow_safe))
 
     @torch.library.register_fake("fastclip::clip_with_tensor_norms_")
     def _(grads, max_norm, norm_type):
-        return (grads[0].new_empty((), dtype=_total_norm_dtype(grads, False)),
+        return (grads[0].new_empty((), dtype=total_norm_dtype(grads, False)),
                 grads[0].new_empty((len(grads),), dtype=torch.float64))
 
     @torch.library.register_fake("fastclip::scale_with_norm_")

@@ -8,7 +8,6 @@ after ``torch.nn.utils`` is patched to call ``fastclip``.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -19,7 +18,7 @@ from torch.utils._foreach_utils import (
     _has_foreach_support,
 )
 
-from fastclip.backends.base import Backend
+from fastclip.backends.base import Backend, total_norm_dtype
 
 # Undecorated original: the public API already runs under torch.no_grad().
 _torch_get_total_norm = _torch_clip_grad._get_total_norm.__wrapped__
@@ -80,7 +79,7 @@ def overflow_safe_total_norm(tensors: list[torch.Tensor], norm_type: float) -> t
     version needs a float64 copy of one tensor at a time. The result has torch's dtype widened to
     at least float32, and stays on the device (no host synchronisation).
     """
-    dtype = torch.promote_types(functools.reduce(torch.promote_types, {t.dtype for t in tensors}), torch.float32)
+    dtype = total_norm_dtype(tensors, overflow_safe=True)
     if math.isinf(norm_type):  # the max is never out of range, and is exact in every dtype
         return _torch_get_total_norm(tensors, norm_type, False, None).to(dtype)
     device = tensors[0].device
