@@ -155,24 +155,18 @@ void check_not_overflow_safe(bool overflow_safe) {
 
 at::Tensor total_norm_cuda(at::TensorList tensors, double norm_type, bool overflow_safe) {
   check_not_overflow_safe(overflow_safe);
-  TORCH_CHECK(!tensors.empty(), "fastclip: total_norm needs at least one tensor");
-  const Norm norm = kernel_norm(norm_type);
-  check_inf_norm_of_empty(tensors, norm);
+  const Norm norm = checked_norm(tensors, norm_type, "total_norm");
   return run(tensors, norm, total_norm_type(tensors), 0.0, /*compute_norm=*/true, /*scale=*/false, nullptr);
 }
 
 at::Tensor clip_cuda(at::TensorList grads, double max_norm, double norm_type, bool overflow_safe) {
   check_not_overflow_safe(overflow_safe);
-  TORCH_CHECK(!grads.empty(), "fastclip: clip_ needs at least one gradient");
-  const Norm norm = kernel_norm(norm_type);
-  check_inf_norm_of_empty(grads, norm);
+  const Norm norm = checked_norm(grads, norm_type, "clip_");
   return run(grads, norm, total_norm_type(grads), max_norm, /*compute_norm=*/true, /*scale=*/true, nullptr);
 }
 
 std::tuple<at::Tensor, at::Tensor> clip_with_tensor_norms_cuda(at::TensorList grads, double max_norm, double norm_type) {
-  TORCH_CHECK(!grads.empty(), "fastclip: clip_with_tensor_norms_ needs at least one gradient");
-  const Norm norm = kernel_norm(norm_type);
-  check_inf_norm_of_empty(grads, norm);
+  const Norm norm = checked_norm(grads, norm_type, "clip_with_tensor_norms_");
   at::Tensor tensor_norms;
   at::Tensor total = run(grads, norm, total_norm_type(grads), max_norm, /*compute_norm=*/true, /*scale=*/true, nullptr,
                          &tensor_norms);

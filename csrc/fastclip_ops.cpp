@@ -63,9 +63,7 @@ at::Tensor clip_with_torch_norms(at::TensorList grads, double max_norm, Norm nor
 }
 
 at::Tensor total_norm_cpu(at::TensorList tensors, double norm_type, bool overflow_safe) {
-  TORCH_CHECK(!tensors.empty(), "fastclip: total_norm needs at least one tensor");
-  const Norm norm = kernel_norm(norm_type);
-  check_inf_norm_of_empty(tensors, norm);
+  const Norm norm = checked_norm(tensors, norm_type, "total_norm");
   if (overflow_safe) {
     const at::ScalarType type = overflow_safe_total_type(tensors);
     return overflow_safe_total(KernelTensors(tensors, type), norm, type);
@@ -79,9 +77,7 @@ at::Tensor total_norm_cpu(at::TensorList tensors, double norm_type, bool overflo
 }
 
 at::Tensor clip_cpu(at::TensorList grads, double max_norm, double norm_type, bool overflow_safe) {
-  TORCH_CHECK(!grads.empty(), "fastclip: clip_ needs at least one gradient");
-  const Norm norm = kernel_norm(norm_type);
-  check_inf_norm_of_empty(grads, norm);
+  const Norm norm = checked_norm(grads, norm_type, "clip_");
   if (overflow_safe) {
     const at::ScalarType type = overflow_safe_total_type(grads);
     KernelTensors kernel_tensors(grads, type);
@@ -95,9 +91,7 @@ at::Tensor clip_cpu(at::TensorList grads, double max_norm, double norm_type, boo
 }
 
 std::tuple<at::Tensor, at::Tensor> clip_with_tensor_norms_cpu(at::TensorList grads, double max_norm, double norm_type) {
-  TORCH_CHECK(!grads.empty(), "fastclip: clip_with_tensor_norms_ needs at least one gradient");
-  const Norm norm = kernel_norm(norm_type);
-  check_inf_norm_of_empty(grads, norm);
+  const Norm norm = checked_norm(grads, norm_type, "clip_with_tensor_norms_");
   at::Tensor tensor_norms = at::empty({static_cast<int64_t>(grads.size())}, at::TensorOptions().dtype(at::kDouble));
   at::Tensor total = clip_with_torch_norms(grads, max_norm, norm, tensor_norms.data_ptr<double>());
   return {total, tensor_norms};

@@ -53,6 +53,15 @@ inline void check_inf_norm_of_empty(at::TensorList tensors, Norm norm) {
                 "have an identity");
 }
 
+// The checks every norm-computing op makes before its kernel runs: at least one tensor, a norm type
+// with a kernel, and torch's refusal of the inf norm of an empty tensor. Returns the kernel's norm.
+inline Norm checked_norm(at::TensorList tensors, double norm_type, const char* op) {
+  TORCH_CHECK(!tensors.empty(), "fastclip: ", op, " needs at least one tensor");
+  const Norm norm = kernel_norm(norm_type);
+  check_inf_norm_of_empty(tensors, norm);
+  return norm;
+}
+
 // The tensors as the kernels address them: each one flat span. A non-overlapping, dense tensor
 // (contiguous, transposed, channels-last) is used in place; any other layout is copied to a
 // contiguous buffer, which write_back() copies into the original after scaling.

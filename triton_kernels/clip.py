@@ -693,16 +693,23 @@ def total_norm(tensors: list[torch.Tensor], norm_type: float, overflow_safe: boo
     return total
 
 
-@triton_op("fastclip_triton::clip_", mutates_args={"grads"})
-def clip_(grads: list[torch.Tensor], max_norm: float, norm_type: float, overflow_safe: bool = False) -> torch.Tensor:
-    """Clips ``grads`` in place by their total norm, which it returns (two launches)."""
-    total_dtype = _total_dtype(grads, "clip_", overflow_safe)
+def _clip(grads: list[torch.Tensor], max_norm: float, norm_type: float, overflow_safe: bool, what: str,
+          with_tensor_norms: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Both launches of a clip; returns the total norm and, if asked, the per-tensor norms."""
+    total_dtype = _total_dtype(grads, what, overflow_safe)
     dense, copies = _dense(grads)
-    total, coefficient, tables = _run_norm(dense, norm_type, max_norm, total_dtype, overflow_safe)
+    tensor_norms = torch.zeros(len(grads), dtype=torch.float64, device=grads[0].device) if with_tensor_norms else None
+    total, coefficient, tables = _run_norm(dense, norm_type, max_norm, total_dtype, overflow_safe, tensor_norms)
     _run_scale(tables, coefficient, total_dtype)
     for original, copy in copies:  # whether anything was scaled is known only on the device
         original.copy_(copy)
-    return total
+    return total, tensor_norms
+
+
+@triton_op("fastclip_triton::clip_", mutates_args={"grads"})
+def clip_(grads: list[torch.Tensor], max_norm: float, norm_type: float, overflow_safe: bool = False) -> torch.Tensor:
+    """Clips ``grads`` in place by their total norm, which it returns (two launches)."""
+    return _clip(grads, max_norm, norm_type, overflow_safe, "clip_")[0]
 
 
 @triton_op("fastclip_triton::clip_with_tensor_norms_", mutates_args={"grads"})
@@ -710,14 +717,7 @@ def clip_with_tensor_norms_(grads: list[torch.Tensor], max_norm: float,
                             norm_type: float) -> tuple[torch.Tensor, torch.Tensor]:
     """clip_ that also returns the per-tensor norms its first launch computes (float64, each rounded
     to its gradient's dtype; 0 for an empty gradient)."""
-    total_dtype = _total_dtype(grads, "clip_with_tensor_norms_", False)
-    dense, copies = _dense(grads)
-    tensor_norms = torch.zeros(len(grads), dtype=torch.float64, device=grads[0].device)
-    total, coefficient, tables = _run_norm(dense, norm_type, max_norm, total_dtype, False, tensor_norms)
-    _run_scale(tables, coefficient, total_dtype)
-    for original, copy in copies:
-        original.copy_(copy)
-    return total, tensor_norms
+    return _clip(grads, max_norm, norm_type, False, "clip_with_tensor_norms_", with_tensor_norms=True)
 
 
 @triton_op("fastclip_triton::scale_with_norm_", mutates_args={"grads"})
