@@ -66,8 +66,8 @@ class ClipMonitor:
         self._buffers: list[torch.Tensor] = []
         self._steps = 0
         self._host: list[float] = []  # norms already copied to the host
+        self._clipped: list[bool] = []  # per step, judged once
         self._spikes: list[int] = []
-        self._spikes_checked = 0
         self.last_tensor_norms: torch.Tensor | None = None
         """The last step's per-gradient norms (float64, on the gradients' device, in the order the
         gradients were given), when ``tensor_norms=True``."""
@@ -110,50 +110,59 @@ class ClipMonitor:
         """The number of recorded steps."""
         return self._steps
 
+    def _catch_up(self) -> None:
+        """Copies the steps recorded since the last read to the host (one synchronisation) and
+        judges each of them once: clipped or not, spike or not."""
+        start = len(self._host)
+        if start == self._steps:
+            return
+        first = start // self._CHUNK
+        new = torch.cat(self._buffers[first:])[start - first * self._CHUNK:self._steps - first * self._CHUNK]
+        self._clipped.extend((clip_coefficient(new, self.max_norm) < 1).tolist())
+        self._host.extend(new.tolist())
+        for step in range(start, self._steps):
+            before = [n for n in self._host[max(0, step - self.window):step] if math.isfinite(n)]
+            norm = self._host[step]
+            if not math.isfinite(norm) or (before and norm > self.spike_factor * sum(before) / len(before)):
+                self._spikes.append(step)
+
     @property
     def norms(self) -> list[float]:
         """Every recorded pre-clip total norm, oldest first (one synchronisation if there are new
         steps since the last read)."""
-        start = len(self._host)
-        if start < self._steps:
-            first = start // self._CHUNK
-            on_device = torch.cat(self._buffers[first:])[start - first * self._CHUNK:self._steps - first * self._CHUNK]
-            self._host.extend(on_device.tolist())
+        self._catch_up()
         return list(self._host)
 
     @property
     def clipped(self) -> list[bool]:
         """For each step, whether clipping scaled the gradients (coefficient below 1, computed with
         torch's arithmetic in float64)."""
-        norms = torch.tensor(self.norms, dtype=torch.float64)
-        return (clip_coefficient(norms, self.max_norm) < 1).tolist()
+        self._catch_up()
+        return list(self._clipped)
 
     @property
     def clip_fraction(self) -> float:
         """The fraction of steps that clipped (0.0 before the first step)."""
-        clipped = self.clipped
-        return sum(clipped) / len(clipped) if clipped else 0.0
+        self._catch_up()
+        return sum(self._clipped) / len(self._clipped) if self._clipped else 0.0
 
     @property
     def running_mean(self) -> float:
         """The mean norm of the last ``window`` steps (NaN before the first step); non-finite
         norms are left out, so one overflow does not poison the statistic."""
-        finite = [n for n in self.norms[-self.window:] if math.isfinite(n)]
+        self._catch_up()
+        finite = [n for n in self._host[-self.window:] if math.isfinite(n)]
         return sum(finite) / len(finite) if finite else math.nan
 
     @property
     def spikes(self) -> list[int]:
         """The steps (0-based) whose norm exceeded ``spike_factor`` times the mean of the up to
         ``window`` finite norms before them, or was not finite."""
-        norms = self.norms
-        for step in range(self._spikes_checked, len(norms)):  # each step is judged once
-            before = [n for n in norms[max(0, step - self.window):step] if math.isfinite(n)]
-            if not math.isfinite(norms[step]) or (before and norms[step] > self.spike_factor * sum(before) / len(before)):
-                self._spikes.append(step)
-        self._spikes_checked = len(norms)
+        self._catch_up()
         return list(self._spikes)
 
     @property
     def is_spike(self) -> bool:
         """Whether the last recorded step was a spike."""
-        return bool(self._steps) and self.spikes[-1:] == [self._steps - 1]
+        self._catch_up()
+        return bool(self._spikes) and self._spikes[-1] == self._steps - 1
