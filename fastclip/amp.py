@@ -6,6 +6,8 @@ import torch
 from torch.amp.grad_scaler import OptState
 
 from fastclip import api
+from fastclip._dispatch import select_backend
+from fastclip._inputs import check_gradients, grads_of, parse_max_norm, parse_norm_type, summarize
 from fastclip.backends.torch_backend import clip_coefficient, scale_grads_
 
 
@@ -40,7 +42,8 @@ def unscale_clip_(
         scaler (torch.amp.GradScaler): the scaler that scaled the loss.
         optimizer (torch.optim.Optimizer): owns the gradients.
         max_norm (float): max norm of the unscaled gradients.
-        norm_type (float or str): p > 0 or ``inf``. Default: 2.0
+        norm_type (float or str): as in :func:`fastclip.clip_`; fused for p > 0 and ``inf`` (other
+            norms run ``unscale_`` then the clip). Default: 2.0
         backend (str): as in :func:`fastclip.clip_`, for the norm. Default: ``"auto"``
 
     Returns:
@@ -55,18 +58,24 @@ def unscale_clip_(
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if not scaler.is_enabled():
         return api.clip_(params, max_norm, norm_type, backend=backend)
+    max_norm = parse_max_norm(max_norm)  # every argument checked before the scaler's state changes
+    norm_type = parse_norm_type(norm_type)
     scaler._check_scale_growth_tracker("unscale_")
     state = scaler._per_optimizer_states[id(optimizer)]
     if state["stage"] is OptState.UNSCALED:
         raise RuntimeError("unscale_() has already been called on this optimizer since the last update().")
     if state["stage"] is OptState.STEPPED:
         raise RuntimeError("unscale_() is being called after step().")
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads or len({g.device for g in grads}) > 1 or any(g.is_sparse for g in grads):
-        # Nothing to fuse, or what torch handles per device or out of place: torch's own two steps.
+    grads = grads_of(params)
+    summary = summarize(grads)
+    check_gradients(grads, summary, "optimizer's parameters", written=True)
+    impl = select_backend(backend, grads, norm_type, summary)
+    if not grads or len(summary.devices) > 1 or summary.layouts != {torch.strided} or not norm_type > 0:
+        # Nothing to fuse; what torch unscales per device or out of place; or a norm that is not
+        # homogeneous (p = 0) or blind to inf (p < 0, -inf), so cannot detect it: torch's own two steps.
         scaler.unscale_(optimizer)
         return api.clip_(params, max_norm, norm_type, backend=backend)
-    scaled_norm = api.get_total_norm(grads, norm_type, backend=backend)
+    scaled_norm = impl.get_total_norm(grads, norm_type, None)
     inv_scale = scaler._scale.double().reciprocal().float()  # exactly as unscale_ computes it
     device = grads[0].device
     total_norm = scaled_norm * inv_scale.to(device, scaled_norm.dtype)

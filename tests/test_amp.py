@@ -73,3 +73,24 @@ def test_misuse_raises_like_unscale_(backend):
     scaler.step(optimizer)
     with pytest.raises(RuntimeError, match="after step"):
         fastclip.unscale_clip_(scaler, optimizer, 0.5, backend=backend)
+
+
+def test_bad_max_norm_is_refused_before_anything_changes(backend):
+    model, optimizer, scaler = _setup(3)
+    before = [p.grad.clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="max_norm"):
+        fastclip.unscale_clip_(scaler, optimizer, -1.0, backend=backend)
+    for p, b in zip(model.parameters(), before):
+        assert_same(p.grad, b, "gradient after a refused call")
+    fastclip.unscale_clip_(scaler, optimizer, 0.5, backend=backend)  # the scaler's state is untouched
+
+
+@pytest.mark.parametrize("norm_type", [0.0, -math.inf], ids=str)
+def test_norms_without_a_fused_path_run_torchs_two_steps(norm_type):
+    model, optimizer, scaler = _setup(4)
+    ref_model, ref_optimizer, ref_scaler = _setup(4)
+    norm = fastclip.unscale_clip_(scaler, optimizer, 0.5, norm_type)
+    ref_scaler.unscale_(ref_optimizer)
+    assert_same(norm, torch.nn.utils.clip_grad_norm_(ref_model.parameters(), 0.5, norm_type), "norm")
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        assert_same(p.grad, q.grad, "gradient")
