@@ -18,9 +18,9 @@ from conftest import require_backend
 @pytest.fixture
 def kernels():
     require_backend("triton", "cpu")
-    import triton_kernels.clip
+    import fastclip.triton_kernels.clip
 
-    return triton_kernels.clip
+    return fastclip.triton_kernels.clip
 
 
 @pytest.mark.parametrize("num_tensors", [1, 3, 300])
@@ -53,7 +53,7 @@ def test_tables_are_cached_by_address(kernels):
 _CAPTURE_SCRIPT = textwrap.dedent(
     """
     import torch
-    import triton_kernels.clip  # noqa: F401  (registers the ops)
+    import fastclip.triton_kernels.clip  # noqa: F401  (registers the ops)
 
     graphs = []
 
@@ -91,7 +91,7 @@ _COMPILE_SCRIPT = textwrap.dedent(
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    import triton_kernels.clip as kernels
+    import fastclip.triton_kernels.clip as kernels
 
     target = GPUTarget("cuda", int(sys.argv[1]), 32)
     norm_signature = {

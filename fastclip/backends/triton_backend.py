@@ -18,19 +18,22 @@ import torch
 from fastclip._inputs import summarize
 from fastclip.backends.base import Backend, fused_kernel_refusal
 
+# The repository's triton_kernels/clip.py, installed inside fastclip's namespace (pyproject.toml).
+KERNELS_MODULE = "fastclip.triton_kernels.clip"
+
 
 @functools.cache
 def _kernels_error() -> str | None:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
     try:
-        found = importlib.util.find_spec("triton_kernels.clip") is not None
-    except ModuleNotFoundError:  # no triton_kernels package at all
+        found = importlib.util.find_spec(KERNELS_MODULE) is not None
+    except ModuleNotFoundError:  # no fastclip.triton_kernels package at all
         found = False
     if not found:
-        return "this version of fastclip has no Triton kernels"
+        return "this installation of fastclip has no Triton kernels"
     try:
-        importlib.import_module("triton_kernels.clip")  # registers torch.ops.fastclip_triton
+        importlib.import_module(KERNELS_MODULE)  # registers torch.ops.fastclip_triton
     except Exception as e:  # a Triton that cannot build for this machine, say
         return f"the Triton kernels failed to load: {e}"
     return None
