@@ -2,13 +2,19 @@
 
 Install with ``pip install --no-build-isolation -e .`` so the extension is compiled against the torch
 already in the environment. The CPU kernels are always built; the CUDA kernels too when torch has
-CUDA (``torch.version.cuda``) and nvcc is found (``CUDA_HOME``). ``FASTCLIP_USE_CPP=0`` gives a
-pure-Python install. ``MAX_JOBS`` limits ninja's parallelism and ``TORCH_CUDA_ARCH_LIST`` the GPU
-architectures, as in every torch extension (default here, when no GPU is visible: 8.0;9.0).
+CUDA (``torch.version.cuda``) and a CUDA toolkit is found (see :func:`find_cuda_home`).
+``FASTCLIP_USE_CPP=0`` gives a pure-Python install; ``FASTCLIP_USE_CUDA=0`` leaves the CUDA kernels
+out, ``FASTCLIP_USE_CUDA=1`` makes a missing toolkit an error instead of a warning. ``MAX_JOBS``
+limits ninja's parallelism and ``TORCH_CUDA_ARCH_LIST`` the GPU architectures, as in every torch
+extension (default: the visible GPUs', else 8.0;9.0, and 10.0 with CUDA 12.8 or newer).
 """
 
 import glob
 import os
+import re
+import shutil
+import subprocess
+import sys
 
 from setuptools import setup
 
@@ -20,35 +26,120 @@ from setuptools import setup
 CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-Wno-psabi"]
 # No fast math: divisions, square roots and conversions must round like torch's kernels.
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr"]
-DEFAULT_CUDA_ARCHS = "8.0;9.0"
+# Ampere and Hopper data-centre GPUs when the build machine has no GPU to ask; Blackwell too where
+# the toolkit and torch know it (CUDA 12.8 and newer).
+DEFAULT_CUDA_ARCHS = ("8.0", "9.0")
+BLACKWELL_ARCH, BLACKWELL_CUDA = "10.0", (12, 8)
 
 
-def _build_cuda() -> bool:
+def _toolkit_root_of(nvcc: str) -> str | None:
+    """The toolkit root that ``nvcc`` really uses. nvcc is often a wrapper script or a symlink
+    (/usr/local/bin/nvcc, conda, ccache), so its own folder says nothing; nvcc's dry run prints
+    the root it resolved (``#$ TOP=...``)."""
+    try:
+        dry_run = subprocess.run([nvcc, "-dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+                                 capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"^#\$ TOP=(.+)$", dry_run.stdout + dry_run.stderr, re.MULTILINE)
+    return os.path.realpath(match.group(1).strip()) if match else None
+
+
+def _is_toolkit(root: str | None) -> bool:
+    return bool(root) and os.path.isfile(os.path.join(root, "include", "cuda_runtime.h"))
+
+
+def find_cuda_home() -> str | None:
+    """The CUDA toolkit to build with: ``CUDA_HOME`` (or ``CUDA_PATH``) if set, else the root of the
+    ``nvcc`` on PATH as nvcc itself reports it, else /usr/local/cuda; None if there is none.
+
+    torch guesses the root as the folder above ``which nvcc``, which is wrong for a wrapper
+    script and then fails deep in the build (``cuda_runtime.h: No such file or directory``).
+
+    Raises:
+        SystemExit: ``CUDA_HOME``/``CUDA_PATH`` is set but holds no toolkit.
+    """
+    for variable in ("CUDA_HOME", "CUDA_PATH"):
+        root = os.environ.get(variable)
+        if root:
+            if not _is_toolkit(root):
+                sys.exit(f"fastclip: {variable}={root} holds no CUDA toolkit (no include/cuda_runtime.h)")
+            return root
+    nvcc = shutil.which("nvcc")
+    for root in (_toolkit_root_of(nvcc) if nvcc else None, "/usr/local/cuda"):
+        if _is_toolkit(root):
+            return root
+    return None
+
+
+def _cuda_home_or_none() -> str | None:
+    """The toolkit for a CUDA build, or None for a CPU-only one (with a warning, or an error when
+    ``FASTCLIP_USE_CUDA=1`` asks for CUDA)."""
     import torch
-    from torch.utils.cpp_extension import CUDA_HOME
 
-    if os.environ.get("FASTCLIP_USE_CUDA", "1") == "0":
-        return False
-    return torch.version.cuda is not None and CUDA_HOME is not None
+    wanted = os.environ.get("FASTCLIP_USE_CUDA", "auto")
+    if wanted == "0" or (torch.version.cuda is None and wanted != "1"):
+        return None
+    if torch.version.cuda is None:
+        sys.exit(f"fastclip: FASTCLIP_USE_CUDA=1, but torch {torch.__version__} is a CPU-only build")
+    cuda_home = find_cuda_home()
+    if cuda_home is None:
+        message = (f"no CUDA toolkit found for torch {torch.__version__} (CUDA {torch.version.cuda}): set "
+                   "CUDA_HOME to the toolkit's root (the folder holding bin/nvcc and include/cuda_runtime.h)")
+        if wanted == "1":
+            sys.exit(f"fastclip: {message}")
+        print(f"fastclip: WARNING: {message}; building the CPU kernels only (the Triton backend still "
+              "serves CUDA tensors)", file=sys.stderr)
+    return cuda_home
+
+
+def _cuda_version(text: str | None) -> tuple[int, int]:
+    match = re.search(r"(\d+)\.(\d+)", text or "")
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+
+
+def _default_cuda_archs(cuda_home: str) -> str:
+    """The architectures to build for: the visible GPUs', else DEFAULT_CUDA_ARCHS (+ Blackwell)."""
+    import torch
+
+    if torch.cuda.is_available():
+        capabilities = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+        return ";".join(f"{major}.{minor}" for major, minor in sorted(capabilities))
+    nvcc_release = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True,
+                                  text=True).stdout.rpartition("release")[2]
+    archs = list(DEFAULT_CUDA_ARCHS)
+    if min(_cuda_version(nvcc_release), _cuda_version(torch.version.cuda)) >= BLACKWELL_CUDA:
+        archs.append(BLACKWELL_ARCH)
+    return ";".join(archs)
+
+
+def _cuda_arch_macro() -> str:
+    """TORCH_CUDA_ARCH_LIST as a macro value the extension reports (``8.0;9.0+PTX`` -> ``80,90``)."""
+    archs = re.findall(r"(\d+)\.(\d+)", os.environ["TORCH_CUDA_ARCH_LIST"])
+    return ",".join(major + minor for major, minor in archs)
 
 
 def extension_build():
     """(ext_modules, cmdclass) for setup(); empty when FASTCLIP_USE_CPP=0."""
     if os.environ.get("FASTCLIP_USE_CPP", "1") == "0":
         return [], {}
+    cuda_home = _cuda_home_or_none()
+    if cuda_home is not None:
+        # torch.utils.cpp_extension reads CUDA_HOME once, when it is imported.
+        os.environ["CUDA_HOME"] = cuda_home
     import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     sources = ["csrc/fastclip_ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
-    if not _build_cuda():
+    if cuda_home is None:
         extension = CppExtension("fastclip._C", sources, extra_compile_args={"cxx": CXX_FLAGS}, extra_link_args=["-fopenmp"])
         return [extension], {"build_ext": BuildExtension}
-    if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
-        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _default_cuda_archs(cuda_home))
     sources += ["csrc/fastclip_cuda_ops.cpp", *sorted(glob.glob("csrc/cuda/*.cu"))]
     extension = CUDAExtension(
         "fastclip._C",
         sources,
+        define_macros=[("FASTCLIP_CUDA_ARCHS", _cuda_arch_macro())],
         extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS},
         extra_link_args=["-fopenmp"],
     )

@@ -214,9 +214,24 @@ PyMethodDef methods[] = {
 
 }  // namespace
 
+// The GPU architectures the CUDA kernels were compiled for (setup.py passes TORCH_CUDA_ARCH_LIST as
+// e.g. 80,90,100); empty in a CPU-only build.
+#define FASTCLIP_STRINGIFY(...) #__VA_ARGS__
+#define FASTCLIP_STRING(...) FASTCLIP_STRINGIFY(__VA_ARGS__)
+#ifdef FASTCLIP_CUDA_ARCHS
+constexpr const char* kCudaArchs = FASTCLIP_STRING(FASTCLIP_CUDA_ARCHS);
+#else
+constexpr const char* kCudaArchs = "";
+#endif
+
 // Importing fastclip._C from Python loads this library, which registers the operators above, and
-// gives the module its one helper (plain CPython API; no pybind11 needed).
+// gives the module its one helper and ``cuda_archs`` (plain CPython API; no pybind11 needed).
 extern "C" PyObject* PyInit__C(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
-  return PyModule_Create(&module);
+  PyObject* m = PyModule_Create(&module);
+  if (m != nullptr && PyModule_AddStringConstant(m, "cuda_archs", kCudaArchs) != 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
 }

@@ -36,3 +36,20 @@ def load_error() -> str | None:
 def has_kernel(op_name: str, dispatch_key: str) -> bool:
     """Whether the loaded extension registered ``fastclip::<op_name>`` for ``dispatch_key`` (CPU, CUDA)."""
     return load_error() is None and torch._C._dispatch_has_kernel_for_dispatch_key(f"fastclip::{op_name}", dispatch_key)
+
+
+def build_description() -> str:
+    """How the extension was built, for ``python -m fastclip.info``: ``built with CUDA, no device
+    (kernels for sm_80, sm_90)``, ``built for CPU only``, or why it is not loaded."""
+    error = load_error()
+    if error is not None:
+        return f"not loaded: {error}"
+    import fastclip._C
+
+    if not fastclip._C.cuda_archs:
+        return "built for CPU only (no CUDA kernels)"
+    kernels = ", ".join(f"sm_{arch}" for arch in fastclip._C.cuda_archs.split(","))
+    if not torch.cuda.is_available():
+        return f"built with CUDA, no device (kernels for {kernels})"
+    major, minor = torch.cuda.get_device_capability()
+    return f"built with CUDA, device {torch.cuda.get_device_name()} (sm_{major}{minor}; kernels for {kernels})"

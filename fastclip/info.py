@@ -8,6 +8,7 @@ import torch
 
 import fastclip
 from fastclip._dispatch import backend_status
+from fastclip._extension import build_description
 
 
 def _version(package: str) -> str:
@@ -20,6 +21,7 @@ def _version(package: str) -> str:
 def main() -> None:
     print(f"fastclip {fastclip.__version__}, torch {torch.__version__} (CUDA build: {torch.version.cuda or 'no'}), "
           f"triton {_version('triton')}")
+    print(f"fastclip._C: {build_description()}")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     if len(devices) == 1:
         print("no CUDA device visible")

@@ -2,7 +2,8 @@
 
 A backend that is unavailable on this machine is skipped, unless it is listed in the environment
 variable ``FASTCLIP_TEST_REQUIRE`` (space-separated names): then its absence is a failure. CI sets it,
-so a broken build cannot turn into a green run of skipped tests.
+so a broken build cannot turn into a green run of skipped tests. The name ``cuda-build`` there
+requires fastclip._C to have CUDA kernels (tests/test_build.py).
 """
 
 from __future__ import annotations

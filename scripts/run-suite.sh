@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Runs the Python test suite in the active venv (called by scripts/test.sh and scripts/test-torch.sh):
+# reports the build, then requires every backend that must work here, so that a broken build fails
+# the run instead of turning into skipped tests. Arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+info=$(python -m fastclip.info)
+echo "$info"
+if python -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+  # A GPU: the Triton kernels are compiled for it and tested on CUDA tensors (tests/test_cuda.py).
+  export FASTCLIP_TEST_REQUIRE="torch cpp"
+else
+  # No GPU (CI): the Triton kernels run on CPU tensors in Triton's interpreter.
+  export TRITON_INTERPRET=1
+  export FASTCLIP_TEST_REQUIRE="torch cpp triton"
+fi
+if python -c "import sys, torch; sys.exit(torch.version.cuda is None)"; then
+  # A CUDA build of torch: fastclip._C must have been built with its CUDA kernels (tests/test_build.py).
+  export FASTCLIP_TEST_REQUIRE="$FASTCLIP_TEST_REQUIRE cuda-build"
+fi
+python -m pytest tests "$@"
