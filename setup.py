@@ -114,9 +114,10 @@ def _default_cuda_archs(cuda_home: str) -> str:
 
 
 def _cuda_arch_macro() -> str:
-    """TORCH_CUDA_ARCH_LIST as a macro value the extension reports (``8.0;9.0+PTX`` -> ``80,90``)."""
+    """TORCH_CUDA_ARCH_LIST as a macro value the extension reports (``8.0;9.0+PTX`` -> ``80_90``: one
+    preprocessing number, since nvcc splits -D values at commas)."""
     archs = re.findall(r"(\d+)\.(\d+)", os.environ["TORCH_CUDA_ARCH_LIST"])
-    return ",".join(major + minor for major, minor in archs)
+    return "_".join(major + minor for major, minor in archs)
 
 
 def extension_build():

@@ -215,9 +215,9 @@ PyMethodDef methods[] = {
 }  // namespace
 
 // The GPU architectures the CUDA kernels were compiled for (setup.py passes TORCH_CUDA_ARCH_LIST as
-// e.g. 80,90,100); empty in a CPU-only build.
-#define FASTCLIP_STRINGIFY(...) #__VA_ARGS__
-#define FASTCLIP_STRING(...) FASTCLIP_STRINGIFY(__VA_ARGS__)
+// e.g. 80_90_100); empty in a CPU-only build.
+#define FASTCLIP_STRINGIFY(x) #x
+#define FASTCLIP_STRING(x) FASTCLIP_STRINGIFY(x)
 #ifdef FASTCLIP_CUDA_ARCHS
 constexpr const char* kCudaArchs = FASTCLIP_STRING(FASTCLIP_CUDA_ARCHS);
 #else

@@ -48,7 +48,7 @@ def build_description() -> str:
 
     if not fastclip._C.cuda_archs:
         return "built for CPU only (no CUDA kernels)"
-    kernels = ", ".join(f"sm_{arch}" for arch in fastclip._C.cuda_archs.split(","))
+    kernels = ", ".join(f"sm_{arch}" for arch in fastclip._C.cuda_archs.split("_"))
     if not torch.cuda.is_available():
         return f"built with CUDA, no device (kernels for {kernels})"
     major, minor = torch.cuda.get_device_capability()

@@ -63,7 +63,7 @@ def test_info_reports_the_cuda_build(cuda_build):
         assert "built with CUDA, no device" in info, info
     import fastclip._C
 
-    for arch in fastclip._C.cuda_archs.split(","):
+    for arch in fastclip._C.cuda_archs.split("_"):
         assert f"sm_{arch}" in info, info
 
 
@@ -142,3 +142,12 @@ def test_wheel_holds_only_fastclip_and_works_in_a_fresh_venv(tmp_path):
     top = subprocess.run([python, "-c", "import importlib.util as u; print(u.find_spec('triton_kernels'))"],
                          capture_output=True, text=True, cwd=outside, check=True).stdout.strip()
     assert top == "None", top
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible: scripts/gpu-check.sh would run for real")
+def test_gpu_check_stops_clearly_without_a_gpu():
+    result = subprocess.run(["bash", str(REPO / "scripts" / "gpu-check.sh")], capture_output=True, text=True,
+                            env={**os.environ, "PYTHON": sys.executable})
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "no CUDA device visible" in result.stderr
+    assert not result.stdout  # nothing was built or run
