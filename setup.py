@@ -72,9 +72,25 @@ def find_cuda_home() -> str | None:
     return None
 
 
+def _cuda_version(text: str | None) -> tuple[int, int]:
+    match = re.search(r"(\d+)\.(\d+)", text or "")
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+
+
+def _toolkit_version(cuda_home: str) -> tuple[int, int]:
+    """(major, minor) of the toolkit's nvcc, from ``nvcc --version`` (``... release 13.0, V13.0.88``)."""
+    try:
+        output = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True,
+                                text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return (0, 0)
+    return _cuda_version(output.rpartition("release")[2])
+
+
 def _cuda_home_or_none() -> str | None:
     """The toolkit for a CUDA build, or None for a CPU-only one (with a warning, or an error when
-    ``FASTCLIP_USE_CUDA=1`` asks for CUDA)."""
+    ``FASTCLIP_USE_CUDA=1`` asks for CUDA): when none is found, or when its major version is not
+    torch's (torch refuses to build extensions across CUDA major versions)."""
     import torch
 
     wanted = os.environ.get("FASTCLIP_USE_CUDA", "auto")
@@ -84,18 +100,19 @@ def _cuda_home_or_none() -> str | None:
         sys.exit(f"fastclip: FASTCLIP_USE_CUDA=1, but torch {torch.__version__} is a CPU-only build")
     cuda_home = find_cuda_home()
     if cuda_home is None:
-        message = (f"no CUDA toolkit found for torch {torch.__version__} (CUDA {torch.version.cuda}): set "
-                   "CUDA_HOME to the toolkit's root (the folder holding bin/nvcc and include/cuda_runtime.h)")
-        if wanted == "1":
-            sys.exit(f"fastclip: {message}")
-        print(f"fastclip: WARNING: {message}; building the CPU kernels only (the Triton backend still "
-              "serves CUDA tensors)", file=sys.stderr)
-    return cuda_home
-
-
-def _cuda_version(text: str | None) -> tuple[int, int]:
-    match = re.search(r"(\d+)\.(\d+)", text or "")
-    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+        problem = f"no CUDA toolkit found for torch {torch.__version__} (CUDA {torch.version.cuda})"
+    elif _toolkit_version(cuda_home)[0] != _cuda_version(torch.version.cuda)[0]:
+        major, minor = _toolkit_version(cuda_home)
+        problem = (f"the CUDA toolkit at {cuda_home} is CUDA {major}.{minor}, but torch {torch.__version__} was built "
+                   f"with CUDA {torch.version.cuda}, and the major versions must agree")
+    else:
+        return cuda_home
+    hint = "set CUDA_HOME to a matching toolkit's root (the folder holding bin/nvcc and include/cuda_runtime.h)"
+    if wanted == "1":
+        sys.exit(f"fastclip: {problem}: {hint}")
+    print(f"fastclip: WARNING: {problem}; building the CPU kernels only (the Triton backend still serves CUDA "
+          f"tensors); for the CUDA kernels, {hint}", file=sys.stderr)
+    return None
 
 
 def _default_cuda_archs(cuda_home: str) -> str:
@@ -105,10 +122,8 @@ def _default_cuda_archs(cuda_home: str) -> str:
     if torch.cuda.is_available():
         capabilities = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
         return ";".join(f"{major}.{minor}" for major, minor in sorted(capabilities))
-    nvcc_release = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True,
-                                  text=True).stdout.rpartition("release")[2]
     archs = list(DEFAULT_CUDA_ARCHS)
-    if min(_cuda_version(nvcc_release), _cuda_version(torch.version.cuda)) >= BLACKWELL_CUDA:
+    if min(_toolkit_version(cuda_home), _cuda_version(torch.version.cuda)) >= BLACKWELL_CUDA:
         archs.append(BLACKWELL_ARCH)
     return ";".join(archs)
 

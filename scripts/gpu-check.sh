@@ -39,14 +39,14 @@ run_step() {
   timeout --kill-after=10 "$limit" "$@" > "$logs/$name.log" 2>&1
   status=$?
   if [ "$status" -eq 0 ]; then verdict=pass; elif [ "$status" -eq 124 ] || [ "$status" -eq 137 ]; then verdict="TIMEOUT"; failed=1; else verdict="FAIL (exit $status)"; failed=1; fi
-  last=$(grep -E "[0-9]+ (passed|failed|error)" "$logs/$name.log" | tail -1 | tr -d '=' | sed 's/^ *//; s/ *$//')
+  last=$(grep -E "[0-9]+ (passed|failed|errors?|skipped|deselected)" "$logs/$name.log" | tail -1 | tr -d '=' | sed 's/^ *//; s/ *$//')
   rows+=("| $name | $verdict | $((SECONDS - start)) s | ${last:-} |")
   echo "   $verdict in $((SECONDS - start)) s ${last:+($last)}"
   [ "$verdict" = pass ] || tail -30 "$logs/$name.log"
 }
 
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-run_step build 300 "$PYTHON" -m pip install --no-build-isolation --no-deps --no-index -e .
+run_step build 300 env FASTCLIP_USE_CUDA=1 "$PYTHON" -m pip install --no-build-isolation --no-deps --no-index -e .
 run_step info 60 "$PYTHON" -m fastclip.info
 export FASTCLIP_TEST_REQUIRE="torch cpp triton cuda-build"
 run_step gpu-tests 420 "$PYTHON" -m pytest tests -m gpu -q -p no:cacheprovider -k "not over_2_to_the_31"
@@ -57,14 +57,15 @@ run_step benchmark 240 "$PYTHON" -m bench.run --preset quick --repeats 5 --out b
 {
   echo "# fastclip GPU check: $device"
   echo
-  echo "$(date -u +'%Y-%m-%d %H:%M UTC'); $("$PYTHON" -c "import sys, torch, platform
+  versions=$("$PYTHON" -c "import platform, torch
 try:
-    import triton; tv = triton.__version__
+    import triton; triton_version = triton.__version__
 except ImportError:
-    tv = 'not installed'
-print(f'Python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), Triton {tv}')")"
-  echo "; driver $(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2> /dev/null | head -1 || echo unknown);" \
-       "fastclip $(git rev-parse --short HEAD 2> /dev/null || echo '(no git)')"
+    triton_version = 'not installed'
+print(f'Python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), Triton {triton_version}')")
+  driver=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2> /dev/null | head -1)
+  echo "$(date -u +'%Y-%m-%d %H:%M UTC'); $versions; driver ${driver:-unknown};" \
+       "fastclip $(git rev-parse --short HEAD 2> /dev/null || echo '(commit unknown: no git here)')"
   echo
   echo '```'
   cat "$logs/info.log"

@@ -15,6 +15,7 @@ echo "== torch $(python -c 'import torch; print(torch.__version__)'): done at $(
 deactivate
 second_torch=${FASTCLIP_SECOND_TORCH-2.14.1}
 if [ -n "$second_torch" ]; then
-  bash scripts/test-torch.sh "$second_torch" "$@"
+  # A CUDA build of torch: fastclip._C must be built with its CUDA kernels, or the lane fails.
+  FASTCLIP_USE_CUDA=1 bash scripts/test-torch.sh "$second_torch" "$@"
   echo "== torch $second_torch: done at $((SECONDS - start)) s"
 fi

@@ -29,6 +29,8 @@ import operator
 import os
 import struct
 import threading
+# The operators' signatures say typing.List: torch before 2.7 infers no schema from list[Tensor].
+from typing import List
 
 import torch
 import triton
@@ -479,16 +481,33 @@ def _coefficient_kernel(total_ptr, coefficient_ptr, max_norm_bits, TOTAL_DTYPE: 
 
 
 # A small autotune space for the memory-bound reduction, keyed on the total size (not on the list
-# of tensors, so a model's step does not retune). The interpreter runs one fixed configuration:
-# benchmarking configurations there would only measure Python.
+# of tensors, so a model's step does not retune). The interpreter runs one fixed configuration and
+# no autotuner: benchmarking configurations there would only measure Python, and Triton before 3.3
+# asks the GPU driver for a benchmarker when an autotuner is made, which fails without a GPU.
 # (Its blocks are large: each interpreted loop iteration costs Python time, a wide block does not.)
 if INTERPRETING:
-    _NORM_CONFIGS = [triton.Config({"BLOCK": 4096}, num_warps=4)]
+    _norm_kernel_tuned, _NORM_FIXED_CONFIG = _norm_kernel, {"BLOCK": 4096, "num_warps": 4}
 else:
     _NORM_CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w) for b in (1024, 2048, 4096) for w in (4, 8)]
-_norm_kernel_tuned = triton.autotune(configs=_NORM_CONFIGS, key=["total_elements"])(_norm_kernel)
+    _norm_kernel_tuned, _NORM_FIXED_CONFIG = triton.autotune(configs=_NORM_CONFIGS, key=["total_elements"])(_norm_kernel), {}
 # The scale kernel writes the gradients, so it cannot be benchmarked in place: one configuration.
 _SCALE_BLOCK, _SCALE_WARPS = (4096 if INTERPRETING else 2048), 8
+
+
+def _wraps_interpreted_kernels() -> bool:
+    try:
+        torch.library.wrap_triton(_scale_kernel)
+    except RuntimeError:  # "wrap_triton only works on functions annotated with triton.jit ..."
+        return False
+    return True
+
+
+# Every launch goes through wrap_triton, which lets torch.compile trace it. torch before 2.7 refuses
+# the interpreter's kernels, which are never compiled anyway: under the interpreter there, launch
+# them directly.
+if INTERPRETING and not _wraps_interpreted_kernels():
+    def wrap_triton(kernel):
+        return kernel
 
 
 # ---------------------------------------------------------------------------------------------
@@ -538,7 +557,7 @@ def _tables_for(tensors: list[torch.Tensor], coefficient_dtype: torch.dtype, num
 # Reading addresses is opaque to torch.compile (a traced tensor has none), so the tables come from
 # a custom op: traced code calls it at run time, and its fake version gives the shapes.
 @torch.library.custom_op("fastclip_triton::gradient_tables", mutates_args=())
-def gradient_tables(tensors: list[torch.Tensor], coefficient_dtype_tag: int) -> tuple[torch.Tensor, torch.Tensor]:
+def gradient_tables(tensors: List[torch.Tensor], coefficient_dtype_tag: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The device tables of dense ``tensors``: chunks and tensors (see _CHUNK_COLUMNS, _TENSOR_COLUMNS)."""
     coefficient_dtype = next(d for d, tag in DTYPE_TAGS.items() if tag == coefficient_dtype_tag)
     device = tensors[0].device
@@ -663,6 +682,7 @@ def _run_norm(tensors: list[torch.Tensor], norm_type: float, max_norm: float, to
         len(tensors), len(numels) - numels.count(0), _float_bits(float(norm_type)), _float_bits(float(max_norm)),
         sum(numels), NORM=kind, TOTAL_DTYPE=DTYPE_TAGS[total_dtype], CPU_RULES=device.type == "cpu", SAFE=safe,
         BARRIER=not INTERPRETING, enable_fp_fusion=True,  # fused multiply-adds in the sums: fine for E5
+        **_NORM_FIXED_CONFIG,
     )
     return total, coefficient, (chunks, table, num_chunks)
 
@@ -684,7 +704,7 @@ def _total_dtype(tensors: list[torch.Tensor], what: str, overflow_safe: bool) ->
 
 
 @triton_op("fastclip_triton::total_norm", mutates_args=())
-def total_norm(tensors: list[torch.Tensor], norm_type: float, overflow_safe: bool = False) -> torch.Tensor:
+def total_norm(tensors: List[torch.Tensor], norm_type: float, overflow_safe: bool = False) -> torch.Tensor:
     """The total ``norm_type``-norm of ``tensors``, in the promoted dtype, as torch computes it;
     or the overflow-safe norm of all their elements (see _scaled_chunk_partial)."""
     total_dtype = _total_dtype(tensors, "total_norm", overflow_safe)
@@ -707,13 +727,13 @@ def _clip(grads: list[torch.Tensor], max_norm: float, norm_type: float, overflow
 
 
 @triton_op("fastclip_triton::clip_", mutates_args={"grads"})
-def clip_(grads: list[torch.Tensor], max_norm: float, norm_type: float, overflow_safe: bool = False) -> torch.Tensor:
+def clip_(grads: List[torch.Tensor], max_norm: float, norm_type: float, overflow_safe: bool = False) -> torch.Tensor:
     """Clips ``grads`` in place by their total norm, which it returns (two launches)."""
     return _clip(grads, max_norm, norm_type, overflow_safe, "clip_")[0]
 
 
 @triton_op("fastclip_triton::clip_with_tensor_norms_", mutates_args={"grads"})
-def clip_with_tensor_norms_(grads: list[torch.Tensor], max_norm: float,
+def clip_with_tensor_norms_(grads: List[torch.Tensor], max_norm: float,
                             norm_type: float) -> tuple[torch.Tensor, torch.Tensor]:
     """clip_ that also returns the per-tensor norms its first launch computes (float64, each rounded
     to its gradient's dtype; 0 for an empty gradient)."""
@@ -721,7 +741,7 @@ def clip_with_tensor_norms_(grads: list[torch.Tensor], max_norm: float,
 
 
 @triton_op("fastclip_triton::scale_with_norm_", mutates_args={"grads"})
-def scale_with_norm_(grads: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> None:
+def scale_with_norm_(grads: List[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> None:
     """Scales ``grads`` in place by ``min(max_norm / (total_norm + 1e-6), 1)`` (two launches)."""
     _checked_total_dtype(grads, "scale_with_norm_")
     if total_norm.numel() != 1 or total_norm.dtype not in DTYPE_TAGS:

@@ -39,6 +39,26 @@ def _kernels_error() -> str | None:
     return None
 
 
+@functools.cache
+def _interpreter_error() -> str | None:
+    """Why Triton's interpreter cannot run the kernels, or None: one tiny clip, checked against
+    torch. Old interpreters (Triton 3.2) fail on loops whose bounds are loaded from memory."""
+    import triton
+
+    from fastclip.backends.torch_backend import clip_coefficient
+
+    importlib.import_module(KERNELS_MODULE)
+    grad = torch.tensor([3.0, 4.0])
+    try:
+        norm = torch.ops.fastclip_triton.clip_([grad], 1.0, 2.0, False)
+    except Exception as e:  # triton.runtime.errors.InterpreterError, whatever its cause
+        return f"Triton {triton.__version__}'s interpreter cannot run the kernels: {e}"
+    expected = torch.tensor([3.0, 4.0]) * clip_coefficient(torch.tensor(5.0), 1.0)
+    if float(norm) != 5.0 or not torch.equal(grad, expected):
+        return f"Triton {triton.__version__}'s interpreter gives wrong results (norm {float(norm)}, want 5)"
+    return None
+
+
 class TritonBackend(Backend):
     """Fused multi-tensor Triton kernels."""
 
@@ -48,8 +68,10 @@ class TritonBackend(Backend):
         error = _kernels_error()
         if error is not None:
             return error
-        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-            return "CPU tensors need TRITON_INTERPRET=1 (Triton's interpreter)"
+        if device.type == "cpu":
+            if os.environ.get("TRITON_INTERPRET") != "1":
+                return "CPU tensors need TRITON_INTERPRET=1 (Triton's interpreter)"
+            return _interpreter_error()
         if device.type not in ("cpu", "cuda"):
             return f"no kernels for {device.type} tensors"
         return None
