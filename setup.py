@@ -162,5 +162,6 @@ def extension_build():
     return [extension], {"build_ext": BuildExtension}
 
 
-ext_modules, cmdclass = extension_build()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+if __name__ == "__main__":  # setuptools runs this file as __main__; tests import its functions
+    ext_modules, cmdclass = extension_build()
+    setup(ext_modules=ext_modules, cmdclass=cmdclass)

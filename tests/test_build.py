@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pathlib
 import subprocess
@@ -151,3 +152,39 @@ def test_gpu_check_stops_clearly_without_a_gpu():
     assert result.returncode == 2, result.stdout + result.stderr
     assert "no CUDA device visible" in result.stderr
     assert not result.stdout  # nothing was built or run
+
+
+def _setup_module():
+    spec = importlib.util.spec_from_file_location("fastclip_setup", REPO / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # defines the build helpers; builds nothing (not __main__)
+    return module
+
+
+def _fake_toolkit(root: pathlib.Path) -> pathlib.Path:
+    (root / "include").mkdir(parents=True)
+    (root / "include" / "cuda_runtime.h").write_text("")
+    return root
+
+
+def test_toolkit_found_through_a_wrapper_nvcc(tmp_path, monkeypatch):
+    """A wrapper script named nvcc (as on this machine, conda, ccache) says nothing by its folder;
+    setup.py asks nvcc where its toolkit is, where torch would guess the wrapper's parent folder."""
+    toolkit = _fake_toolkit(tmp_path / "real-toolkit")
+    wrapper_dir = tmp_path / "wrappers" / "bin"
+    wrapper_dir.mkdir(parents=True)
+    nvcc = wrapper_dir / "nvcc"
+    nvcc.write_text(f"#!/bin/sh\necho '#$ TOP={toolkit}/bin/..' >&2\n")
+    nvcc.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{wrapper_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    assert _setup_module().find_cuda_home() == str(toolkit)
+
+
+def test_cuda_home_is_checked(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path))
+    with pytest.raises(SystemExit, match="holds no CUDA toolkit"):
+        _setup_module().find_cuda_home()
+    monkeypatch.setenv("CUDA_HOME", str(_fake_toolkit(tmp_path / "toolkit")))
+    assert _setup_module().find_cuda_home() == str(tmp_path / "toolkit")
