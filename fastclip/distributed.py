@@ -41,6 +41,42 @@ def _has_dtensors(tensors: list[torch.Tensor]) -> bool:
     return dtensor is not None and any(issubclass(kind, dtensor) for kind in set(map(type, tensors)))
 
 
+def _shard_placement_types() -> tuple[type, ...]:
+    """The placements whose local tensors hold disjoint parts of the whole: Shard, and _StridedShard
+    (FSDP2's placement on a mesh that also does tensor parallelism), which torch 2.13 no longer
+    derives from Shard and whose is_shard() is False."""
+    from torch.distributed.tensor import placement_types
+
+    return tuple(getattr(placement_types, name) for name in ("Shard", "_StridedShard") if hasattr(placement_types, name))
+
+
+def sharded_mesh_dims(placements) -> list[int]:
+    """The mesh dimensions over which a DTensor's local tensors are disjoint parts of the whole.
+
+    A norm adds up over those; a Replicate dimension holds the same elements on every rank and adds
+    nothing. Any shard-like placement counts, however its elements are interleaved (a norm does not
+    care about the order of elements).
+
+    Raises:
+        ValueError: a Partial placement (the local values are addends of the whole, not its
+            elements), or a placement type fastclip does not know, rather than guess.
+    """
+    shard_types = _shard_placement_types()
+    dims = []
+    for dim, placement in enumerate(placements):
+        if placement.is_replicate():
+            continue
+        if placement.is_partial():
+            raise ValueError("fastclip: DTensor gradients with Partial placements are not reduced yet; "
+                             "redistribute them to Shard or Replicate first")
+        if not isinstance(placement, shard_types):
+            raise ValueError(f"fastclip: DTensor placement {placement!r} on mesh dimension {dim} is of a type fastclip "
+                             "does not know (not Shard, _StridedShard, Replicate or Partial); its norm cannot be "
+                             "combined safely")
+        dims.append(dim)
+    return dims
+
+
 def split_shards(grads: list[torch.Tensor], group) -> tuple[list[torch.Tensor], list[ShardSet]]:
     """Local tensors of ``grads`` and how their norms combine across processes.
 
@@ -59,15 +95,8 @@ def split_shards(grads: list[torch.Tensor], group) -> tuple[list[torch.Tensor], 
     local = []
     for g in grads:
         if dtensor is not None and isinstance(g, dtensor):
-            groups = []
-            for dim, placement in enumerate(g.placements):
-                if placement.is_partial():
-                    raise ValueError("fastclip: DTensor gradients with Partial placements are not reduced yet; "
-                                     "redistribute them to Shard or Replicate first")
-                if placement.is_shard():
-                    groups.append(g.device_mesh.get_group(dim))
+            groups = tuple(g.device_mesh.get_group(dim) for dim in sharded_mesh_dims(g.placements))
             g = g.to_local()
-            groups = tuple(groups)
         else:
             groups = () if group is None else (group,)
         local.append(g)

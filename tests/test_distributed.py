@@ -127,3 +127,63 @@ def test_sharded_gradients_give_the_unsharded_result(world, tmp_path):
     if not FSDP2_RUNS_ON_CPU:
         pytest.skip(f"plain and DTensor shards checked; torch {torch.__version__}'s fully_shard cannot run on CPU "
                     "(its CPU streams have no record_event), so the FSDP2 model was not")
+
+
+def test_placements_that_shard_replicate_or_are_refused():
+    from torch.distributed.tensor.placement_types import Partial, Placement, Replicate, Shard, _StridedShard
+
+    from fastclip.distributed import sharded_mesh_dims
+
+    class UnknownPlacement(Placement):
+        pass
+
+    assert sharded_mesh_dims([Replicate(), _StridedShard(0, split_factor=2), Shard(1)]) == [1, 2]
+    assert sharded_mesh_dims([Replicate(), Replicate()]) == []
+    with pytest.raises(ValueError, match="Partial"):
+        sharded_mesh_dims([Shard(0), Partial()])
+    with pytest.raises(ValueError, match="does not know"):
+        sharded_mesh_dims([UnknownPlacement()])
+
+
+def _strided_shard_worker(rank: int, world: int, init_file: str, backends: list[str]) -> None:
+    sys.path.insert(0, HERE)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        import fastclip
+        from harness import assert_same
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import distribute_tensor
+        from torch.distributed.tensor.placement_types import _StridedShard
+
+        mesh = init_device_mesh("cpu", (world,))
+
+        def param(values):  # the issue's case: FSDP2's placement when TP shares the mesh
+            p = torch.nn.Parameter(distribute_tensor(torch.zeros_like(values), mesh, [_StridedShard(0, split_factor=2)]))
+            p.grad = distribute_tensor(values.clone(), mesh, [_StridedShard(0, split_factor=2)])
+            return p
+
+        for backend in backends:
+            for norm_type in (2.0, math.inf):
+                mine, reference = param(torch.arange(1.0, 9.0)), param(torch.arange(1.0, 9.0))
+                norm = fastclip.clip_([mine], 5.0, norm_type, backend=backend)
+                expected = torch.nn.utils.clip_grad_norm_([reference], 5.0, norm_type).full_tensor()
+                what = f"rank {rank}, {backend}, norm_type {norm_type}"
+                if math.isinf(norm_type):
+                    assert_same(norm, expected, f"{what}: [E2] norm")
+                else:  # 14.2828...: the same to the last place on these integers
+                    assert abs(float(norm) - float(expected)) <= 1e-6 * float(expected), (what, norm, expected)
+                rescaled = param(torch.arange(1.0, 9.0))
+                torch.nn.utils.clip_grads_with_norm_([rescaled], 5.0, norm)
+                assert_same(mine.grad.to_local(), rescaled.grad.to_local(), f"{what}: [E3] local shard")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_strided_shard_gradients_give_torchs_norm_on_every_rank(tmp_path):
+    """FSDP2 on a mesh that also does tensor parallelism shards with _StridedShard, which torch 2.13
+    does not call a Shard: it must still count as one (it once counted as replicated, giving a
+    too-small norm that differed per rank)."""
+    from fastclip._dispatch import backend_status
+
+    backends = [name for name, reason in backend_status("cpu").items() if reason is None]
+    mp.spawn(_strided_shard_worker, args=(2, str(tmp_path / "init"), backends), nprocs=2, join=True)
