@@ -99,11 +99,11 @@ def _cuda_home_or_none() -> str | None:
     if torch.version.cuda is None:
         sys.exit(f"fastclip: FASTCLIP_USE_CUDA=1, but torch {torch.__version__} is a CPU-only build")
     cuda_home = find_cuda_home()
+    toolkit_major, toolkit_minor = _toolkit_version(cuda_home) if cuda_home else (0, 0)
     if cuda_home is None:
         problem = f"no CUDA toolkit found for torch {torch.__version__} (CUDA {torch.version.cuda})"
-    elif _toolkit_version(cuda_home)[0] != _cuda_version(torch.version.cuda)[0]:
-        major, minor = _toolkit_version(cuda_home)
-        problem = (f"the CUDA toolkit at {cuda_home} is CUDA {major}.{minor}, but torch {torch.__version__} was built "
+    elif toolkit_major != _cuda_version(torch.version.cuda)[0]:
+        problem = (f"the CUDA toolkit at {cuda_home} is CUDA {toolkit_major}.{toolkit_minor}, but torch {torch.__version__} was built "
                    f"with CUDA {torch.version.cuda}, and the major versions must agree")
     else:
         return cuda_home

@@ -11,6 +11,7 @@ Collectives are torch.distributed's own, nothing home-made.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import sys
 
@@ -41,6 +42,7 @@ def _has_dtensors(tensors: list[torch.Tensor]) -> bool:
     return dtensor is not None and any(issubclass(kind, dtensor) for kind in set(map(type, tensors)))
 
 
+@functools.cache
 def _shard_placement_types() -> tuple[type, ...]:
     """The placements whose local tensors hold disjoint parts of the whole: Shard, and _StridedShard
     (FSDP2's placement on a mesh that also does tensor parallelism), which torch 2.13 no longer

@@ -4,8 +4,7 @@
 # the run instead of turning into skipped tests. Arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-info=$(python -m fastclip.info)
-echo "$info"
+python -m fastclip.info
 # FASTCLIP_TEST_REQUIRE set by the caller wins (e.g. "torch cpp" for a Triton whose interpreter
 # cannot run the kernels: see README's Supported table).
 if python -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
