@@ -21,32 +21,41 @@ from fastclip._inputs import (
     summarize,
 )
 from fastclip.backends.base import total_norm_dtype
-from fastclip.distributed import global_norm, split_shards
+from fastclip.distributed import as_extra_groups, global_norm, split_shards
 
 
-def _distributed_norm(backend, local, shard_sets, norm_type, overflow_safe, summary):
+def _distributed_norm(backend, local, shard_sets, norm_type, overflow_safe, summary, extra_groups):
     """(backend, global norm) for sharded gradients: the local shards' norm from a fused kernel
-    (overflow-safe, so each process's share is exact to fp32 or better), one all_reduce per set."""
+    (overflow-safe, so each process's share is exact to fp32 or better), and one collective where
+    the layout allows (``fastclip.distributed``)."""
     if not norm_type > 0:
         raise ValueError(f"the norm of distributed gradients needs norm_type > 0 or inf, got {norm_type}")
     impl = select_backend(backend, local, norm_type, summary, overflow_safe=True)
-    total_norm = global_norm(shard_sets, norm_type, total_norm_dtype(local, overflow_safe),
-                             lambda tensors: impl.get_total_norm(tensors, norm_type, None, True))
+    # A process without gradients cannot know their dtype: it answers in the default dtype, as torch
+    # does for no gradients.
+    dtype = total_norm_dtype(local, overflow_safe) if local else torch.get_default_dtype()
+    total_norm = global_norm(shard_sets, norm_type, dtype,
+                             lambda tensors: impl.get_total_norm(tensors, norm_type, None, True), extra_groups)
     return impl, total_norm
 
 
-def _prepare(tensors, arg_name, norm_type, overflow_safe, group, backend, *, written, shardable=True):
+def _prepare(tensors, arg_name, norm_type, overflow_safe, group, backend, *, written, extra_groups=None,
+             shardable=True):
     """(local tensors, backend, global norm or None): the call's tensors checked (DTensors replaced
     by their local shards), the backend that serves them, and for sharded tensors (DTensors, or
-    plain ones with ``group``) their global norm, which needs collectives; None otherwise."""
+    plain ones with ``group`` or ``extra_groups``) their global norm, which needs collectives; None
+    otherwise. A process without tensors still joins the collectives of ``group`` and
+    ``extra_groups``, so that the others do not wait for it forever."""
     tensors, shard_sets = split_shards(tensors, group)
-    if shard_sets and not shardable:
-        raise ValueError(f"{arg_name}: sharded (DTensor) gradients are not supported here")
+    extra_groups = as_extra_groups(extra_groups)
+    distributed = bool(shard_sets or extra_groups or group is not None)
+    if distributed and not shardable:
+        raise ValueError(f"{arg_name}: sharded (DTensor) gradients and process groups are not supported here")
     summary = summarize(tensors)
     check_gradients(tensors, summary, arg_name, written=written)
-    if not shard_sets:
+    if not distributed:
         return tensors, select_backend(backend, tensors, norm_type, summary, overflow_safe), None
-    impl, total_norm = _distributed_norm(backend, tensors, shard_sets, norm_type, overflow_safe, summary)
+    impl, total_norm = _distributed_norm(backend, tensors, shard_sets, norm_type, overflow_safe, summary, extra_groups)
     return tensors, impl, total_norm
 
 
@@ -70,6 +79,7 @@ def clip_(
     *,
     overflow_safe: bool = False,
     group: "torch.distributed.ProcessGroup | None" = None,
+    extra_groups=None,
     backend: str = "auto",
 ) -> torch.Tensor:
     r"""Clip the gradient norm of an iterable of parameters, in place: a drop-in for
@@ -101,7 +111,12 @@ def clip_(
             shards of one whole (each rank holds different elements, as with Megatron-style model
             parallelism): the norm is that of all ranks' elements together, the same on every rank,
             from one ``all_reduce``. DTensor gradients (FSDP2, tensor parallel) need no ``group``:
-            their meshes say how they are sharded. Default: None (plain tensors are local)
+            their meshes say how they are sharded; with them, ``group`` may only name the ranks of
+            their mesh. Default: None (plain tensors are local)
+        extra_groups (ProcessGroup, 1-D DeviceMesh, or a sequence of them, optional): groups over
+            which the total is summed again (inf: maxed) because each of their ranks holds other
+            gradients: the pipeline-parallel group (torchtitan's ``pp_mesh``). Reduced in the same
+            collective as the shards where the layout is a grid covering the world. Default: None
         backend (str): ``"auto"`` (default; overridden by ``FASTCLIP_BACKEND``), ``"torch"``,
             ``"cpp"`` or ``"triton"``. A named backend that cannot serve the call raises.
 
@@ -115,16 +130,17 @@ def clip_(
     norm_type = parse_norm_type(norm_type)
     overflow_safe = parse_overflow_safe(overflow_safe, norm_type)
     grads, impl, total_norm = _prepare(grads_of(parameters), "parameters", norm_type, overflow_safe, group, backend,
-                                       written=True)
-    if not grads:
-        return torch.tensor(0.0)
+                                       written=True, extra_groups=extra_groups)
     if total_norm is None:
+        if not grads:
+            return torch.tensor(0.0)
         if not error_if_nonfinite:  # the fused path: norm and scaling in one call
             return impl.clip_(grads, max_norm, norm_type, foreach, overflow_safe)
         total_norm = impl.get_total_norm(grads, norm_type, foreach, overflow_safe)
     if error_if_nonfinite:
         _raise_if_nonfinite(total_norm, norm_type)
-    impl.clip_grads_with_norm_(grads, max_norm, total_norm, foreach)
+    if grads:
+        impl.clip_grads_with_norm_(grads, max_norm, total_norm, foreach)
     return total_norm
 
 
@@ -164,6 +180,7 @@ def get_total_norm(
     *,
     overflow_safe: bool = False,
     group: "torch.distributed.ProcessGroup | None" = None,
+    extra_groups=None,
     backend: str = "auto",
 ) -> torch.Tensor:
     r"""Compute the norm of an iterable of tensors: a drop-in for :func:`torch.nn.utils.get_total_norm`.
@@ -175,6 +192,8 @@ def get_total_norm(
         foreach (bool, optional): as in :func:`clip_`. Default: None
         overflow_safe (bool): as in :func:`clip_`. Default: False
         group (ProcessGroup, optional): as in :func:`clip_`. Default: None
+        extra_groups (ProcessGroup, 1-D DeviceMesh, or a sequence of them, optional): as in
+            :func:`clip_`. Default: None
         backend (str): as in :func:`clip_`. Default: ``"auto"``
 
     Returns:
@@ -183,10 +202,11 @@ def get_total_norm(
     tensors = as_tensor_list(tensors, "tensors", warn_empty_generator=False)
     norm_type = parse_norm_type(norm_type)
     overflow_safe = parse_overflow_safe(overflow_safe, norm_type)
-    tensors, impl, total_norm = _prepare(tensors, "tensors", norm_type, overflow_safe, group, backend, written=False)
-    if not tensors:
-        return torch.tensor(0.0)
+    tensors, impl, total_norm = _prepare(tensors, "tensors", norm_type, overflow_safe, group, backend, written=False,
+                                         extra_groups=extra_groups)
     if total_norm is None:
+        if not tensors:
+            return torch.tensor(0.0)
         total_norm = impl.get_total_norm(tensors, norm_type, foreach, overflow_safe)
     if error_if_nonfinite:
         _raise_if_nonfinite(total_norm, norm_type)
