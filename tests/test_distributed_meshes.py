@@ -364,8 +364,78 @@ def _refused(rank, backends):
             assert_same(p.grad.to_local(), b, f"rank {rank}, {name}: gradient after a refused call")
 
 
+def _torchtitan_clip_grad_norm_(parameters, max_norm, norm_type=2.0, pp_mesh=None):
+    """torchtitan's clipping (torchtitan/distributed/utils.py), as trainers call it: torch.nn.utils'
+    functions looked up at call time, a DTensor norm made whole, the pipeline group reduced by hand."""
+    from torch.distributed.tensor import DTensor
+
+    parameters = list(parameters)
+    grads = [p.grad for p in parameters if p.grad is not None]
+    total_norm = torch.nn.utils.get_total_norm(grads, norm_type)
+    if isinstance(total_norm, DTensor):
+        total_norm = total_norm.full_tensor()
+    if pp_mesh is not None:
+        if math.isinf(norm_type):
+            dist.all_reduce(total_norm, op=dist.ReduceOp.MAX, group=pp_mesh.get_group())
+        else:
+            total_norm **= norm_type
+            dist.all_reduce(total_norm, op=dist.ReduceOp.SUM, group=pp_mesh.get_group())
+            total_norm **= 1.0 / norm_type
+    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total_norm)
+    return total_norm
+
+
+def _torchtitan_training(rank, backends):
+    """A torchtitan-style run: the Llama plan on a 2 x 2 (dp, tp) mesh, AdamW, torchtitan's clipping
+    with fastclip.patch_torch(). At each of 3 steps a twin model with the same weights clips without
+    the patch: the norms agree (E5, E2), the clipped local shards are exactly torch's scaling by
+    fastclip's norm (E3), and fastclip's path takes one collective where torch's takes two."""
+    import fastclip
+    from harness import assert_same
+    from tiny_llama import LlamaConfig, Transformer, apply_fsdp, apply_tensor_parallel, batch
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    config = LlamaConfig()
+
+    def build():
+        model = Transformer(config)
+        apply_tensor_parallel(model, mesh["tp"])
+        apply_fsdp(model, mesh["dp"])
+        return model
+
+    patched, plain = _twin_models(build)
+    optimizer = torch.optim.AdamW(patched.parameters(), lr=1e-2)
+    clipped_steps = 0
+    for step in range(3):
+        for norm_type in NORM_TYPES:
+            what = f"torchtitan-style step {step}, rank {rank}, norm_type {norm_type}"
+            tokens = batch(config, seed=100 * step + mesh.get_coordinate()[0])
+            plain.load_state_dict(patched.state_dict())
+            for model in (patched, plain):
+                model.zero_grad()
+                model.loss(tokens).backward()
+            full = [p.grad.full_tensor() for p in patched.parameters()]
+            max_norm = 0.125 if math.isinf(norm_type) else 1.1  # clips on some steps, not on others
+            with fastclip.patch_torch():
+                norm, collectives = _counted(lambda: _torchtitan_clip_grad_norm_(patched.parameters(), max_norm, norm_type))
+            torch_norm, torch_collectives = _counted(lambda: _torchtitan_clip_grad_norm_(plain.parameters(), max_norm,
+                                                                                         norm_type))
+            assert (collectives, torch_collectives) == (1, 2), (what, collectives, torch_collectives)
+            _assert_norm(norm, full, norm_type, what, torch_norm)
+            clipped_steps += bool(norm > max_norm)
+            plain.load_state_dict(patched.state_dict())  # weights unchanged by clipping: same as before
+            for p, g in zip(plain.parameters(), full):
+                p.grad = torch.distributed.tensor.distribute_tensor(g, p.device_mesh, p.placements)
+            torch.nn.utils.clip_grads_with_norm_(plain.parameters(), max_norm, norm)
+            for i, (a, b) in enumerate(zip(patched.parameters(), plain.parameters())):
+                assert_same(a.grad.to_local(), b.grad.to_local(), f"{what}: [E3] local shard {i}")
+        optimizer.step()
+    assert 0 < clipped_steps < 6, f"{clipped_steps} of 6 calls clipped: both cases must be seen"
+
+
 CASES = {"fsdp_tp": _fsdp_tp, "hsdp": _hsdp, "pipeline": _pipeline, "experts": _experts, "uneven": _uneven,
-         "refused": _refused}
+         "refused": _refused, "torchtitan_training": _torchtitan_training}
 
 
 def _worker(rank: int, init_file: str, backends: list[str], cases: list[str]) -> None:
@@ -379,6 +449,60 @@ def _worker(rank: int, init_file: str, backends: list[str], cases: list[str]) ->
             dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _stage_mesh_worker(rank: int, init_file: str, backends: list[str]) -> None:
+    """8 ranks as 2 pipeline stages x (dp 2 x tp 2): DTensors on a stage's 2-D mesh, which spans
+    neither the world nor one mesh dimension. Without extra_groups the norm is the stage's, reduced
+    over the stage mesh flattened (a group built on the first call, then kept); with the pipeline
+    group, the world's; one collective either way."""
+    sys.path.insert(0, HERE)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=8,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        import fastclip
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+        mesh = init_device_mesh("cpu", (2, 2, 2), mesh_dim_names=("pp", "dp", "tp"))
+        stage = mesh.get_coordinate()[0]
+        stage_mesh = mesh["dp", "tp"]
+        shapes = {0: [(6, 4), (3,)], 1: [(5, 2), (4, 4), (2,)]}  # each stage its own gradients
+        full_by_stage = {s: [torch.randn(shape, generator=torch.Generator().manual_seed(10 * s + i))
+                             for i, shape in enumerate(shapes[s])] for s in shapes}
+        for backend in backends:
+            for norm_type in NORM_TYPES:
+                for extra_groups, truth in ((None, full_by_stage[stage]), (mesh["pp"], full_by_stage[0] + full_by_stage[1])):
+                    what = f"stage mesh, rank {rank}, {backend}, norm_type {norm_type}, extra_groups {extra_groups}"
+                    params = []
+                    for full in full_by_stage[stage]:
+                        placements = [Shard(0), Shard(1) if full.dim() > 1 else Replicate()]
+                        p = torch.nn.Parameter(distribute_tensor(torch.zeros_like(full), stage_mesh, placements))
+                        p.grad = distribute_tensor(full.clone(), stage_mesh, placements)
+                        params.append(p)
+                    fastclip.get_total_norm([p.grad for p in params], norm_type, extra_groups=extra_groups,
+                                            backend=backend)  # the first call may build the flattened group
+                    norm, collectives = _counted(lambda: fastclip.clip_(params, 0.5, norm_type, backend=backend,
+                                                                        extra_groups=extra_groups))
+                    assert collectives == 1, f"{what}: {collectives} collectives"
+                    torch_norm = torch.nn.utils.get_total_norm(truth, norm_type)
+                    if extra_groups is None:  # the norm is the same on the stage's ranks, not across stages
+                        from harness import assert_norm_error_bound, assert_same
+
+                        (assert_same(norm, torch_norm, what) if math.isinf(norm_type)
+                         else assert_norm_error_bound(norm, torch_norm, truth, norm_type))
+                    else:
+                        _assert_norm(norm, truth, norm_type, what, torch_norm)
+                    _assert_clipped_shards([p.grad for p in params], full_by_stage[stage], 0.5, norm, what)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_pipeline_stage_meshes_of_eight_ranks(tmp_path):
+    from fastclip._dispatch import backend_status
+
+    backends = [name for name, reason in backend_status("cpu").items() if reason is None]
+    mp.spawn(_stage_mesh_worker, args=(str(tmp_path / "init"), backends), nprocs=8, join=True)
 
 
 def test_meshes_large_trainers_build(tmp_path):
