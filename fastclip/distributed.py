@@ -240,10 +240,15 @@ def _plan(sets: list[ShardSet], extra_groups: list) -> tuple[list[_Reduction], l
     """How to combine ``sets`` across processes and sum them over ``extra_groups``, in the fewest
     collectives.
 
-    One collective over every rank involved when all sets spread over the same ranks (one mesh, or
-    dense and expert meshes over the same ranks) and each extra group meets those ranks in this
-    rank only (a grid: pipeline stages x one mesh per stage, covering the world). Otherwise one
-    per distinct set of ranks, whose results add up, then one per extra group.
+    One collective when all sets spread over the same ranks (one mesh, or dense and expert meshes
+    over the same ranks): over those ranks, or with extra groups over the world when the sizes say
+    that the stages and their meshes tile it (the meshes DeviceMesh builds are grids: every rank
+    sees the same shape). Otherwise one per distinct set of ranks, whose results add up, then one
+    per extra group.
+
+    Raises:
+        ValueError: an extra group sharing more than this rank with the sets' ranks or with another
+            extra group: its shares would be counted twice.
 
     Returns:
         (the reductions whose results add up, the extra groups still to reduce the sum over).
@@ -251,13 +256,19 @@ def _plan(sets: list[ShardSet], extra_groups: list) -> tuple[list[_Reduction], l
     rank = dist.get_rank()
     domains = list(dict.fromkeys(s.ranks for s in sets if s.ranks))
     extra_ranks = [group_ranks(g) for g in extra_groups]
+    for i, ranks in enumerate(extra_ranks):
+        for domain in domains + extra_ranks[:i]:
+            if set(ranks) & set(domain) != {rank}:
+                raise ValueError(f"fastclip: an extra group spans ranks {list(ranks)}, which share more than this "
+                                 f"process with ranks {list(domain)} over which the gradients are already reduced: "
+                                 "an extra group must hold other gradients (e.g. other pipeline stages), or its "
+                                 "shares would be counted twice")
     if len(domains) <= 1:
         domain = domains[0] if domains else (rank,)
         if not extra_groups:
             group = None if len(domain) == 1 else _group_spanning(domain, sets)
             return [_Reduction(group, sets, rank == domain[0])], []
-        orthogonal = all(set(ranks) & set(domain) == {rank} for ranks in extra_ranks)
-        if orthogonal and len(domain) * math.prod(map(len, extra_ranks)) == dist.get_world_size():
+        if len(domain) * math.prod(map(len, extra_ranks)) == dist.get_world_size():
             return [_Reduction(dist.group.WORLD, sets, rank == domain[0])], []
         if len(extra_groups) == 1 and len(domain) == 1:
             return [_Reduction(extra_groups[0], sets, True)], []

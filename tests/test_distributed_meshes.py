@@ -353,6 +353,8 @@ def _refused(rank, backends):
         ("a group= the mesh contradicts", [on_world], {"group": pair_group if rank < 2 else None}, ValueError,
          "must agree" if rank < 2 else None),
         ("an extra group of the wrong type", [on_world], {"extra_groups": ["pp"]}, TypeError, "extra_groups"),
+        ("an extra group over the gradients' own mesh", [on_world], {"extra_groups": world_mesh}, ValueError,
+         "counted twice"),
     ]
     for name, params, kwargs, error, message in cases:
         if message is None:  # valid on this rank
