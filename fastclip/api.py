@@ -21,7 +21,7 @@ from fastclip._inputs import (
     summarize,
 )
 from fastclip.backends.base import total_norm_dtype
-from fastclip.distributed import as_extra_groups, global_norm, split_shards
+from fastclip.distributed import as_dtensor_like_torch, as_extra_groups, as_plain_tensor, global_norm, split_shards
 
 
 def _distributed_norm(backend, local, shard_sets, norm_type, overflow_safe, summary, extra_groups):
@@ -41,12 +41,13 @@ def _distributed_norm(backend, local, shard_sets, norm_type, overflow_safe, summ
 
 def _prepare(tensors, arg_name, norm_type, overflow_safe, group, backend, *, written, extra_groups=None,
              shardable=True):
-    """(local tensors, backend, global norm or None): the call's tensors checked (DTensors replaced
-    by their local shards), the backend that serves them, and for sharded tensors (DTensors, or
-    plain ones with ``group`` or ``extra_groups``) their global norm, which needs collectives; None
-    otherwise. A process without tensors still joins the collectives of ``group`` and
+    """(local tensors, backend, global norm or None, result mesh): the call's tensors checked
+    (DTensors replaced by their local shards), the backend that serves them, for sharded tensors
+    (DTensors, or plain ones with ``group`` or ``extra_groups``) their global norm, which needs
+    collectives (None otherwise), and the mesh on which torch would return the norm as a DTensor
+    (None for a plain tensor). A process without tensors still joins the collectives of ``group`` and
     ``extra_groups``, so that the others do not wait for it forever."""
-    tensors, shard_sets = split_shards(tensors, group)
+    tensors, shard_sets, result_mesh = split_shards(tensors, group)
     extra_groups = as_extra_groups(extra_groups)
     distributed = bool(shard_sets or extra_groups or group is not None)
     if distributed and not shardable:
@@ -54,9 +55,9 @@ def _prepare(tensors, arg_name, norm_type, overflow_safe, group, backend, *, wri
     summary = summarize(tensors)
     check_gradients(tensors, summary, arg_name, written=written)
     if not distributed:
-        return tensors, select_backend(backend, tensors, norm_type, summary, overflow_safe), None
+        return tensors, select_backend(backend, tensors, norm_type, summary, overflow_safe), None, None
     impl, total_norm = _distributed_norm(backend, tensors, shard_sets, norm_type, overflow_safe, summary, extra_groups)
-    return tensors, impl, total_norm
+    return tensors, impl, total_norm, result_mesh
 
 
 def _raise_if_nonfinite(total_norm: torch.Tensor, norm_type: float) -> None:
@@ -123,14 +124,15 @@ def clip_(
     Returns:
         Total norm of the gradients before clipping (viewed as a single vector), a 0-dim tensor
         with the dtype and device torch's ``clip_grad_norm_`` would return (at least float32 with
-        ``overflow_safe``).
+        ``overflow_safe``); for DTensor gradients on one mesh, like torch's, a DTensor replicated on
+        that mesh (the same value on every rank).
     """
     parameters = as_tensor_list(parameters, "parameters", warn_empty_generator=True)
     max_norm = parse_max_norm(max_norm)
     norm_type = parse_norm_type(norm_type)
     overflow_safe = parse_overflow_safe(overflow_safe, norm_type)
-    grads, impl, total_norm = _prepare(grads_of(parameters), "parameters", norm_type, overflow_safe, group, backend,
-                                       written=True, extra_groups=extra_groups)
+    grads, impl, total_norm, result_mesh = _prepare(grads_of(parameters), "parameters", norm_type, overflow_safe,
+                                                    group, backend, written=True, extra_groups=extra_groups)
     if total_norm is None:
         if not grads:
             return torch.tensor(0.0)
@@ -141,7 +143,7 @@ def clip_(
         _raise_if_nonfinite(total_norm, norm_type)
     if grads:
         impl.clip_grads_with_norm_(grads, max_norm, total_norm, foreach)
-    return total_norm
+    return as_dtensor_like_torch(total_norm, result_mesh)
 
 
 @torch.no_grad()
@@ -164,7 +166,7 @@ def clip_with_tensor_norms_(
     parameters = as_tensor_list(parameters, "parameters", warn_empty_generator=True)
     max_norm = parse_max_norm(max_norm)
     norm_type = parse_norm_type(norm_type)
-    grads, impl, _ = _prepare(grads_of(parameters), "parameters", norm_type, False, None, backend, written=True,
+    grads, impl, _, _ = _prepare(grads_of(parameters), "parameters", norm_type, False, None, backend, written=True,
                               shardable=False)
     if not grads:
         return torch.tensor(0.0), torch.zeros(0, dtype=torch.float64)
@@ -197,20 +199,21 @@ def get_total_norm(
         backend (str): as in :func:`clip_`. Default: ``"auto"``
 
     Returns:
-        Total norm of the tensors (viewed as a single vector), a 0-dim tensor.
+        Total norm of the tensors (viewed as a single vector), a 0-dim tensor; a replicated DTensor
+        for DTensors on one mesh, as in :func:`clip_`.
     """
     tensors = as_tensor_list(tensors, "tensors", warn_empty_generator=False)
     norm_type = parse_norm_type(norm_type)
     overflow_safe = parse_overflow_safe(overflow_safe, norm_type)
-    tensors, impl, total_norm = _prepare(tensors, "tensors", norm_type, overflow_safe, group, backend, written=False,
-                                         extra_groups=extra_groups)
+    tensors, impl, total_norm, result_mesh = _prepare(tensors, "tensors", norm_type, overflow_safe, group, backend,
+                                                      written=False, extra_groups=extra_groups)
     if total_norm is None:
         if not tensors:
             return torch.tensor(0.0)
         total_norm = impl.get_total_norm(tensors, norm_type, foreach, overflow_safe)
     if error_if_nonfinite:
         _raise_if_nonfinite(total_norm, norm_type)
-    return total_norm
+    return as_dtensor_like_torch(total_norm, result_mesh)
 
 
 @torch.no_grad()
@@ -241,7 +244,8 @@ def clip_grads_with_norm_(
     max_norm = parse_max_norm(max_norm)
     if not isinstance(total_norm, torch.Tensor):
         raise TypeError(f"total_norm must be a Tensor, got {type(total_norm).__name__}")
-    grads, _ = split_shards(grads_of(parameters), None)  # scaling is elementwise: local shards
+    total_norm = as_plain_tensor(total_norm)  # torch's norm of DTensor gradients is a DTensor
+    grads, _, _ = split_shards(grads_of(parameters), None)  # scaling is elementwise: local shards
     summary = summarize(grads)
     check_gradients(grads, summary, "parameters", written=True)
     impl = select_backend(backend, grads, None, summary)

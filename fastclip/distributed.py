@@ -120,7 +120,7 @@ def _mesh_set(tensors: list, mesh, placements) -> ShardSet:
     return ShardSet(tensors, tuple(sorted(mesh.mesh.flatten().tolist())), counts_here, mesh=mesh)
 
 
-def split_shards(grads: list[torch.Tensor], group) -> tuple[list[torch.Tensor], list[ShardSet]]:
+def split_shards(grads: list[torch.Tensor], group) -> tuple[list[torch.Tensor], list[ShardSet], object]:
     """Local tensors of ``grads`` and how their norms combine across processes.
 
     Args:
@@ -129,7 +129,9 @@ def split_shards(grads: list[torch.Tensor], group) -> tuple[list[torch.Tensor], 
             None if plain tensors are local (replicated) values.
 
     Returns:
-        (every local tensor, the shard sets); the shard sets are empty when nothing is distributed.
+        (every local tensor, the shard sets, the mesh of the result): the shard sets are empty when
+        nothing is distributed; the mesh is the DTensors' when every gradient is a DTensor on one
+        mesh (torch then returns the norm as a DTensor on it), else None.
 
     Raises:
         ValueError: a DTensor on a mesh without this rank, a placement that cannot be combined, a
@@ -137,7 +139,7 @@ def split_shards(grads: list[torch.Tensor], group) -> tuple[list[torch.Tensor], 
             several device types.
     """
     if group is None and not _has_dtensors(grads):
-        return grads, []
+        return grads, [], None
     dtensor = _dtensor_class()
     by_layout: dict[tuple, list] = {}
     local = []
@@ -166,7 +168,29 @@ def split_shards(grads: list[torch.Tensor], group) -> tuple[list[torch.Tensor], 
         if ("plain",) not in by_layout and dist.get_world_size(group) > 1:
             # No plain tensors here: this process still joins the group's collective, with nothing.
             sets.append(ShardSet([], group_ranks(group), group=group))
-    return local, sets
+    meshes = {layout[0] for layout, _ in by_layout.values() if layout is not None}
+    result_mesh = next(iter(meshes)) if len(meshes) == 1 and ("plain",) not in by_layout else None
+    return local, sets, result_mesh
+
+
+def as_dtensor_like_torch(total_norm: torch.Tensor, mesh) -> torch.Tensor:
+    """The norm as torch returns it for DTensor gradients on one mesh: a DTensor replicated on that
+    mesh (code written for torch calls ``.full_tensor()`` on it); a plain tensor otherwise. Every
+    rank holds the same value already, so this wraps it without communicating."""
+    if mesh is None:
+        return total_norm
+    from torch.distributed.tensor import DTensor, Replicate
+
+    return DTensor.from_local(total_norm, mesh, [Replicate()] * mesh.ndim, run_check=False)
+
+
+def as_plain_tensor(total_norm: torch.Tensor) -> torch.Tensor:
+    """A total norm given as a DTensor (torch's, or fastclip's own result) as the plain tensor of
+    its whole value: a replicated one is its local tensor; a partial one is reduced (collective)."""
+    dtensor = _dtensor_class()
+    if dtensor is None or not isinstance(total_norm, dtensor):
+        return total_norm
+    return total_norm.full_tensor()
 
 
 def _check_group(group, sets: list[ShardSet]) -> None:

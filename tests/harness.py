@@ -292,3 +292,17 @@ def check_clip(
     # E5: the norm's error against the float64 reference.
     assert_norm_error_bound(norm, expected_norm, [p.grad for p in pristine_params if p.grad is not None], norm_type)
     return norm
+
+
+def whole_norm(norm: torch.Tensor, dtensor: bool) -> torch.Tensor:
+    """A distributed call's norm as a plain tensor, after checking that it comes back as torch's
+    does: a DTensor replicated on the gradients' mesh when they are all DTensors on one mesh
+    (``dtensor``), a plain tensor otherwise."""
+    from torch.distributed.tensor import DTensor
+
+    assert isinstance(norm, DTensor) == dtensor, f"norm returned as {type(norm).__name__}, torch's would be " + (
+        "a DTensor" if dtensor else "a plain tensor")
+    if not dtensor:
+        return norm
+    assert all(p.is_replicate() for p in norm.placements), f"norm placements {norm.placements}, not replicated"
+    return norm.to_local()

@@ -70,6 +70,7 @@ def _worker(rank: int, world: int, init_file: str, backends: list[str], with_fsd
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         import fastclip
+        from harness import whole_norm
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor import Shard, distribute_tensor
 
@@ -83,7 +84,8 @@ def _worker(rank: int, world: int, init_file: str, backends: list[str], with_fsd
                 params = [torch.nn.Parameter(_shard(torch.zeros_like(g), rank, world)) for g in full]
                 for p, g in zip(params, full):
                     p.grad = _shard(g, rank, world)
-                norm = fastclip.clip_(params, max_norm, norm_type, group=dist.group.WORLD, backend=backend)
+                norm = whole_norm(fastclip.clip_(params, max_norm, norm_type, group=dist.group.WORLD, backend=backend),
+                                  dtensor=False)
                 _check(norm, [p.grad for p in params], full, max_norm, norm_type, rank, world, f"group {backend}")
                 total = fastclip.get_total_norm([_shard(g, rank, world) for g in full], norm_type,
                                                 group=dist.group.WORLD, backend=backend)
@@ -93,7 +95,7 @@ def _worker(rank: int, world: int, init_file: str, backends: list[str], with_fsd
                 dparams = [torch.nn.Parameter(distribute_tensor(torch.zeros_like(g), mesh, [Shard(0)])) for g in full]
                 for p, g in zip(dparams, full):
                     p.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
-                norm = fastclip.clip_(dparams, max_norm, norm_type, backend=backend)
+                norm = whole_norm(fastclip.clip_(dparams, max_norm, norm_type, backend=backend), dtensor=True)
                 _check(norm, [p.grad.to_local() for p in dparams], full, max_norm, norm_type, rank, world,
                        f"DTensor {backend}", dtensor_layout=True)
 
@@ -111,7 +113,7 @@ def _worker(rank: int, world: int, init_file: str, backends: list[str], with_fsd
         model(x).square().sum().backward()
         reference(x).square().sum().backward()
         full = [p.grad.detach().clone() for p in reference.parameters()]  # every rank saw all of x
-        norm = fastclip.clip_(model.parameters(), 0.01)
+        norm = whole_norm(fastclip.clip_(model.parameters(), 0.01), dtensor=True)
         local = [p.grad.to_local() for p in model.parameters()]
         _check(norm, local, full, 0.01, 2.0, rank, world, "FSDP2", dtensor_layout=True)
     finally:
@@ -150,7 +152,7 @@ def _strided_shard_worker(rank: int, world: int, init_file: str, backends: list[
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         import fastclip
-        from harness import assert_norm_error_bound, assert_same
+        from harness import assert_norm_error_bound, assert_same, whole_norm
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor import distribute_tensor
         from torch.distributed.tensor.placement_types import _StridedShard
@@ -165,7 +167,7 @@ def _strided_shard_worker(rank: int, world: int, init_file: str, backends: list[
         for backend in backends:
             for norm_type in (2.0, math.inf):
                 mine, reference = param(torch.arange(1.0, 9.0)), param(torch.arange(1.0, 9.0))
-                norm = fastclip.clip_([mine], 5.0, norm_type, backend=backend)
+                norm = whole_norm(fastclip.clip_([mine], 5.0, norm_type, backend=backend), dtensor=True)
                 expected = torch.nn.utils.clip_grad_norm_([reference], 5.0, norm_type).full_tensor()
                 what = f"rank {rank}, {backend}, norm_type {norm_type}"
                 if math.isinf(norm_type):

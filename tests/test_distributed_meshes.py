@@ -28,13 +28,15 @@ WORLD = 4
 NORM_TYPES = (2.0, math.inf)
 
 
-def _counted(fn):
-    """(fn(), the number of collectives it issued)."""
+def _counted(fn, dtensor: bool | None = None):
+    """(fn(), the number of collectives it issued); with ``dtensor`` set, fn() is a norm, checked
+    to come back as torch's would (a replicated DTensor or a plain tensor) and given as plain."""
+    from harness import whole_norm
     from torch.distributed.tensor.debug import CommDebugMode
 
     with CommDebugMode() as comm:
         result = fn()
-    return result, comm.get_total_counts()
+    return result if dtensor is None else whole_norm(result, dtensor), comm.get_total_counts()
 
 
 def _assert_same_on_every_rank(norm: torch.Tensor, what: str) -> None:
@@ -109,7 +111,7 @@ def _fsdp_tp(rank, backends):
                 model.zero_grad()
                 model.loss(tokens).backward()
             full = [p.grad.full_tensor() for p in mine.parameters()]
-            norm, collectives = _counted(lambda: fastclip.clip_(mine.parameters(), 0.05, norm_type, backend=backend))
+            norm, collectives = _counted(lambda: fastclip.clip_(mine.parameters(), 0.05, norm_type, backend=backend), dtensor=True)
             assert collectives == 1, f"{what}: {collectives} collectives, expected 1"
             torch_norm = torch.nn.utils.get_total_norm([p.grad for p in reference.parameters()], norm_type).full_tensor()
             _assert_norm(norm, full, norm_type, what, torch_norm)
@@ -143,13 +145,20 @@ def _hsdp(rank, backends):
                 model.loss(tokens).backward()
             assert all(p.grad.placements[0].is_replicate() for p in mine.parameters())
             full = [p.grad.full_tensor() for p in mine.parameters()]
-            norm, collectives = _counted(lambda: fastclip.clip_(mine.parameters(), 0.05, norm_type, backend=backend))
+            norm, collectives = _counted(lambda: fastclip.clip_(mine.parameters(), 0.05, norm_type, backend=backend), dtensor=True)
             assert collectives == 1, f"{what}: {collectives} collectives, expected 1"
             torch_norm = torch.nn.utils.get_total_norm([p.grad for p in reference.parameters()], norm_type).full_tensor()
             _assert_norm(norm, full, norm_type, what, torch_norm)
             torch.nn.utils.clip_grads_with_norm_(reference.parameters(), 0.05, norm)
             for i, (a, b) in enumerate(zip(mine.parameters(), reference.parameters())):
                 assert_same(a.grad.to_local(), b.grad.to_local(), f"{what}: [E3] local shard {i}")
+            # torch's norm of DTensors is a DTensor; clip_grads_with_norm_ takes it as torch's does
+            # (Accelerate passes one), on the now equal gradients.
+            dtensor_norm = torch.nn.utils.get_total_norm([p.grad for p in reference.parameters()], norm_type) * 3
+            fastclip.clip_grads_with_norm_(mine.parameters(), 0.05, dtensor_norm, backend=backend)
+            torch.nn.utils.clip_grads_with_norm_(reference.parameters(), 0.05, dtensor_norm)
+            for i, (a, b) in enumerate(zip(mine.parameters(), reference.parameters())):
+                assert_same(a.grad.to_local(), b.grad.to_local(), f"{what}: DTensor total_norm, local shard {i}")
 
 
 def _gathered_full(grads, keep: bool) -> list[torch.Tensor]:
@@ -210,7 +219,7 @@ def _pipeline(rank, backends):
             every_stage = _gathered_full(grads, keep=dp_rank == 0)
             mine = [g.full_tensor() for g in grads]
             norm, collectives = _counted(lambda: fastclip.clip_(model.parameters(), 0.05, norm_type,
-                                                                extra_groups=mesh["pp"], backend=backend))
+                                                                extra_groups=mesh["pp"], backend=backend), dtensor=True)
             assert collectives == 1, f"{what}: {collectives} collectives, expected 1"
             _assert_norm(norm, every_stage, norm_type, what,
                          torch.nn.utils.get_total_norm(every_stage, norm_type))
@@ -260,7 +269,8 @@ def _experts(rank, backends):
             for norm_type in NORM_TYPES + (3.0,):
                 what = f"{name}, rank {rank}, {backend}, norm_type {norm_type}"
                 params, full = _expert_grads(dense_mesh, mesh, placements)
-                norm, collectives = _counted(lambda: fastclip.clip_(params, 1.0, norm_type, backend=backend))
+                norm, collectives = _counted(lambda: fastclip.clip_(params, 1.0, norm_type, backend=backend),
+                                             dtensor=False)  # two meshes: torch could not return a DTensor
                 assert collectives == expected_collectives, f"{what}: {collectives} collectives"
                 _assert_norm(norm, full, norm_type, what,
                              torch.nn.utils.get_total_norm(full, norm_type))
@@ -291,7 +301,7 @@ def _uneven(rank, backends):
                 if rank == 3:
                     assert all(p.grad.to_local().numel() == 0 for p in params[:3])
                 norm, collectives = _counted(lambda: fastclip.clip_(params, 0.5, norm_type, backend=backend,
-                                                                    overflow_safe=overflow_safe))
+                                                                    overflow_safe=overflow_safe), dtensor=True)
                 assert collectives == 1, f"{what}: {collectives} collectives"
                 if overflow_safe:  # torch's squares overflow: the truth is the float64 norm, to 2 ulp of fp32
                     truth = torch.nn.utils.get_total_norm([f.double() for f in full if f.numel()], norm_type)
@@ -320,7 +330,7 @@ def _uneven(rank, backends):
             p.grad = t.clone()
         for norm_type in NORM_TYPES:
             norm, collectives = _counted(lambda: fastclip.get_total_norm([p.grad for p in params], norm_type,
-                                                                         group=dist.group.WORLD, backend=backend))
+                                                                         group=dist.group.WORLD, backend=backend), dtensor=False)
             assert collectives == 1
             _assert_norm(norm, [full], norm_type, f"group=, a rank without gradients, rank {rank}, {backend}")
 
@@ -420,9 +430,10 @@ def _torchtitan_training(rank, backends):
             full = [p.grad.full_tensor() for p in patched.parameters()]
             max_norm = 0.125 if math.isinf(norm_type) else 1.1  # clips on some steps, not on others
             with fastclip.patch_torch():
-                norm, collectives = _counted(lambda: _torchtitan_clip_grad_norm_(patched.parameters(), max_norm, norm_type))
+                norm, collectives = _counted(lambda: _torchtitan_clip_grad_norm_(patched.parameters(), max_norm,
+                                                                                 norm_type), dtensor=False)
             torch_norm, torch_collectives = _counted(lambda: _torchtitan_clip_grad_norm_(plain.parameters(), max_norm,
-                                                                                         norm_type))
+                                                                                         norm_type), dtensor=False)
             assert (collectives, torch_collectives) == (1, 2), (what, collectives, torch_collectives)
             _assert_norm(norm, full, norm_type, what, torch_norm)
             clipped_steps += bool(norm > max_norm)
@@ -485,7 +496,7 @@ def _stage_mesh_worker(rank: int, init_file: str, backends: list[str]) -> None:
                     fastclip.get_total_norm([p.grad for p in params], norm_type, extra_groups=extra_groups,
                                             backend=backend)  # the first call may build the flattened group
                     norm, collectives = _counted(lambda: fastclip.clip_(params, 0.5, norm_type, backend=backend,
-                                                                        extra_groups=extra_groups))
+                                                                        extra_groups=extra_groups), dtensor=True)
                     assert collectives == 1, f"{what}: {collectives} collectives"
                     torch_norm = torch.nn.utils.get_total_norm(truth, norm_type)
                     if extra_groups is None:  # the norm is the same on the stage's ranks, not across stages
