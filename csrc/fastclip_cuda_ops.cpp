@@ -110,7 +110,7 @@ bool is_capturing(cudaStream_t stream) {
 }
 
 // Runs the kernels: norm (into a new 0-dim tensor of total_type, returned) and/or scale.
-// With tensor_norms_out, also sets it to the per-tensor norms (float64, a view of the scratch).
+// With tensor_norms_out, also sets it to the per-tensor norms (float64, a tensor of their own).
 at::Tensor run(at::TensorList tensors, const Norm& norm, at::ScalarType total_type, double max_norm, bool compute_norm,
                bool scale, const at::Tensor* given_total, at::Tensor* tensor_norms_out = nullptr) {
   const at::Device device = tensors[0].device();
@@ -121,8 +121,12 @@ at::Tensor run(at::TensorList tensors, const Norm& norm, at::ScalarType total_ty
   CudaKernelTensors kernel_tensors(tensors, coefficient_type);
   CachedTable& table = table_cache().get(kernel_tensors.grads, device, is_capturing(stream));
 
-  const int64_t scratch_size = table.layout.num_chunks + table.layout.num_tensors + 1;
-  at::Tensor scratch = at::empty({scratch_size}, at::TensorOptions().dtype(at::kDouble).device(device));
+  const at::TensorOptions float64 = at::TensorOptions().dtype(at::kDouble).device(device);
+  at::Tensor scratch = at::empty({table.layout.num_chunks + 1}, float64);
+  // The per-tensor norms in an allocation of their own: clip_with_tensor_norms_ returns them, and a
+  // view into the scratch would differ from the fake kernel's fresh tensor (storage offset,
+  // aliasing; opcheck fails) and keep the whole scratch alive as long as the user keeps the norms.
+  at::Tensor tensor_norms = at::empty({table.layout.num_tensors}, float64);
   at::Tensor total = at::empty({}, at::TensorOptions().dtype(total_type).device(device));
   double* base = scratch.data_ptr<double>();
 
@@ -137,13 +141,13 @@ at::Tensor run(at::TensorList tensors, const Norm& norm, at::ScalarType total_ty
   args.total_out = total.data_ptr();
   args.given_total = given_total != nullptr ? given_total->data_ptr() : nullptr;
   args.given_total_dtype = given_total != nullptr ? kernel_dtype(given_total->scalar_type()) : args.total_dtype;
-  args.scratch = {base, base + table.layout.num_chunks, base + table.layout.num_chunks + table.layout.num_tensors,
+  args.scratch = {base, tensor_norms.data_ptr<double>(), base + table.layout.num_chunks,
                   reinterpret_cast<unsigned int*>(table.arrival_counter.data_ptr<int32_t>())};
   C10_CUDA_CHECK(cuda::launch(args, stream));
   // Always written back: whether the kernel scaled is known only on the device, and the host must
   // not ask. Only non-dense gradients have copies; they are rare.
   if (scale) kernel_tensors.write_back();
-  if (tensor_norms_out != nullptr) *tensor_norms_out = scratch.narrow(0, table.layout.num_chunks, table.layout.num_tensors);
+  if (tensor_norms_out != nullptr) *tensor_norms_out = tensor_norms;
   return total;
 }
 

@@ -7,12 +7,13 @@ What "the right reference" is depends on who computes the norm under the compile
   them; their summation order depends on the CPU's vector width, so they are NOT eager's bits (on
   an AMD EPYC the compiled L2 norm differs from eager's in the last place). The reference is torch's
   own ``clip_grad_norm_`` compiled the same way in the same process: same graph, same generated code.
-- a fused backend is an opaque custom op to Inductor: the compiled step calls the same kernel as
-  eager, so the reference is the same backend, eager.
+- a fused backend is an opaque custom op to Inductor that declares the gradients it writes: the
+  compiled step calls the same kernel as eager, so the reference is the same backend, eager. The
+  Triton ops too (under TRITON_INTERPRET=1 their kernels run in the interpreter at run time): once
+  ``triton_op``s traced into kernels whose writes the compiler could not see, they failed here.
 
 The parameter update multiplies by a power of two, so it is exact whether or not the compiler fuses
-it into a multiply-add. The Triton kernels' capture is tested in test_triton.py (the interpreter's
-kernels cannot be compiled).
+it into a multiply-add.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import pytest
 import torch
 
 import fastclip
+from conftest import require_backend
 from harness import assert_same
 
 LEARNING_RATE = 0.125  # a power of two: p - lr * g rounds once, fused or not
@@ -84,8 +86,6 @@ def _torch_compiles_its_own_clip() -> bool:
 
 @pytest.mark.parametrize("max_norm", [0.1, 1e6], ids=["clips", "no_clip"])
 def test_compiled_step_matches_reference(backend, max_norm):
-    if backend == "triton":
-        pytest.skip("the Triton interpreter's kernels are Python functions; capture tested in test_triton.py")
     torch._dynamo.reset()
     fastclip_step = _Step(lambda params: fastclip.clip_(params, max_norm, backend=backend), compiled=True)
     if backend == "torch":
@@ -95,3 +95,23 @@ def test_compiled_step_matches_reference(backend, max_norm):
     else:
         reference = _Step(lambda params: fastclip.clip_(params, max_norm, backend=backend), compiled=False)
     _run_side_by_side(fastclip_step, reference)
+
+
+def _norm_then_scale(backend: str, max_norm: float):
+    """The two-call path (trainers that log the norm first, torchtitan): an overflow-safe norm, then
+    clip_grads_with_norm_, both of which the compiler must keep, in order, before the update."""
+    def clip(params):
+        params = list(params)
+        norm = fastclip.get_total_norm([p.grad for p in params], overflow_safe=True, backend=backend)
+        fastclip.clip_grads_with_norm_(params, max_norm, norm, backend=backend)
+        return norm
+    return clip
+
+
+@pytest.mark.parametrize("max_norm", [0.1, 1e6], ids=["clips", "no_clip"])
+@pytest.mark.parametrize("backend", ["cpp", "triton"])  # opaque ops: compiled must equal eager bit for bit
+def test_compiled_norm_then_scale_matches_eager(backend, max_norm):
+    require_backend(backend)
+    torch._dynamo.reset()
+    _run_side_by_side(_Step(_norm_then_scale(backend, max_norm), compiled=True),
+                      _Step(_norm_then_scale(backend, max_norm), compiled=False))

@@ -47,3 +47,18 @@ def test_opcheck(device, case):
     require_backend("cpp", device)  # also registers the fake kernels
     op, args = _cases(device)[case]
     torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_per_tensor_norms_are_a_tensor_of_their_own(device):
+    """clip_with_tensor_norms_ returns the per-tensor norms as a fresh tensor, as its fake kernel
+    does: not a view into the kernel's scratch (storage offset, aliasing, and the whole scratch
+    kept alive as long as the norms are)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device visible")
+    require_backend("cpp", device)
+    tensors = _tensors(device)
+    _, norms = torch.ops.fastclip.clip_with_tensor_norms_.default(tensors, 0.1, 2.0)
+    assert norms.shape == (len(tensors),) and norms.dtype == torch.float64
+    assert norms.storage_offset() == 0, norms.storage_offset()
+    assert norms.untyped_storage().nbytes() == len(tensors) * 8, norms.untyped_storage().nbytes()

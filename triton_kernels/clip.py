@@ -12,9 +12,11 @@ Everything the kernels know about the gradients is a device-resident table of (a
 dtype, ...) built once per set of gradients and cached, so a CUDA graph that captured the launches
 replays validly and the host never waits for the GPU.
 
-This module knows nothing of fastclip's public API; it registers ``torch.ops.fastclip_triton.*``
-(``torch.library.triton_op`` with ``wrap_triton``, so ``torch.compile(fullgraph=True)`` can trace
-them). Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors, which is how CI tests them;
+This module knows nothing of fastclip's public API; it registers ``torch.ops.fastclip_triton.*`` as
+opaque custom ops that declare the gradients they write (``torch.compile(fullgraph=True)`` captures
+them without tracing inside). Not ``triton_op``: the kernels reach the gradients through addresses
+in a table, so a traced kernel would show the compiler no read or write of them, and Inductor could
+reorder the scaling against other uses of the gradients or drop it. Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors, which is how CI tests them;
 the kernels follow CPU rules (``CPU_RULES``): gradients are scaled with CPU torch's arithmetic
 instead of CUDA torch's (see ``SCALE_*``), a one-element gradient's norm is |x| as torch's CPU norm
 gives it, and sums are accumulated in fp64 as fastclip's C++ CPU kernel does (fp32 partial sums in
@@ -35,7 +37,7 @@ from typing import List
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -703,7 +705,7 @@ def _total_dtype(tensors: list[torch.Tensor], what: str, overflow_safe: bool) ->
     return torch.promote_types(dtype, torch.float32) if overflow_safe else dtype
 
 
-@triton_op("fastclip_triton::total_norm", mutates_args=())
+@torch.library.custom_op("fastclip_triton::total_norm", mutates_args=())
 def total_norm(tensors: List[torch.Tensor], norm_type: float, overflow_safe: bool = False) -> torch.Tensor:
     """The total ``norm_type``-norm of ``tensors``, in the promoted dtype, as torch computes it;
     or the overflow-safe norm of all their elements (see _scaled_chunk_partial)."""
@@ -726,13 +728,13 @@ def _clip(grads: list[torch.Tensor], max_norm: float, norm_type: float, overflow
     return total, tensor_norms
 
 
-@triton_op("fastclip_triton::clip_", mutates_args={"grads"})
+@torch.library.custom_op("fastclip_triton::clip_", mutates_args={"grads"})
 def clip_(grads: List[torch.Tensor], max_norm: float, norm_type: float, overflow_safe: bool = False) -> torch.Tensor:
     """Clips ``grads`` in place by their total norm, which it returns (two launches)."""
     return _clip(grads, max_norm, norm_type, overflow_safe, "clip_")[0]
 
 
-@triton_op("fastclip_triton::clip_with_tensor_norms_", mutates_args={"grads"})
+@torch.library.custom_op("fastclip_triton::clip_with_tensor_norms_", mutates_args={"grads"})
 def clip_with_tensor_norms_(grads: List[torch.Tensor], max_norm: float,
                             norm_type: float) -> tuple[torch.Tensor, torch.Tensor]:
     """clip_ that also returns the per-tensor norms its first launch computes (float64, each rounded
@@ -740,7 +742,7 @@ def clip_with_tensor_norms_(grads: List[torch.Tensor], max_norm: float,
     return _clip(grads, max_norm, norm_type, False, "clip_with_tensor_norms_", with_tensor_norms=True)
 
 
-@triton_op("fastclip_triton::scale_with_norm_", mutates_args={"grads"})
+@torch.library.custom_op("fastclip_triton::scale_with_norm_", mutates_args={"grads"})
 def scale_with_norm_(grads: List[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> None:
     """Scales ``grads`` in place by ``min(max_norm / (total_norm + 1e-6), 1)`` (two launches)."""
     _checked_total_dtype(grads, "scale_with_norm_")
@@ -754,3 +756,25 @@ def scale_with_norm_(grads: List[torch.Tensor], max_norm: float, total_norm: tor
     _run_scale(_tables_for(dense, total.dtype, list(map(torch.Tensor.numel, dense))), coefficient, total.dtype)
     for original, copy in copies:
         original.copy_(copy)
+
+
+# Fake kernels: what the compiler needs to know of each op's results (shape, dtype, device).
+@total_norm.register_fake
+def _(tensors, norm_type, overflow_safe=False):
+    return tensors[0].new_empty((), dtype=_total_dtype(tensors, "total_norm", overflow_safe))
+
+
+@clip_.register_fake
+def _(grads, max_norm, norm_type, overflow_safe=False):
+    return grads[0].new_empty((), dtype=_total_dtype(grads, "clip_", overflow_safe))
+
+
+@clip_with_tensor_norms_.register_fake
+def _(grads, max_norm, norm_type):
+    total = grads[0].new_empty((), dtype=_total_dtype(grads, "clip_with_tensor_norms_", False))
+    return total, grads[0].new_empty((len(grads),), dtype=torch.float64)
+
+
+@scale_with_norm_.register_fake
+def _(grads, max_norm, total_norm):
+    _checked_total_dtype(grads, "scale_with_norm_")
