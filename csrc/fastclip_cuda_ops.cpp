@@ -31,7 +31,6 @@ constexpr size_t kMaxCachedTables = 64;
 struct CachedTable {
   at::Tensor host;                // pinned; kept alive because a captured graph may copy from it again
   at::Tensor device;              // the table the kernels read
-  at::Tensor arrival_counter;     // zero between calls; see cuda::Scratch
   cuda::TableLayout layout;
   bool used_in_capture = false;   // never evicted then
 };
@@ -61,7 +60,6 @@ class TableCache {
     cuda::fill_table(grads.data(), table.layout, table.host.data_ptr());
     table.device = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).device(device));
     table.device.copy_(table.host, /*non_blocking=*/true);  // stream-ordered, no host wait
-    table.arrival_counter = at::zeros({1}, at::TensorOptions().dtype(at::kInt).device(device));
     return table;
   }
 
@@ -122,7 +120,8 @@ at::Tensor run(at::TensorList tensors, const Norm& norm, at::ScalarType total_ty
   CachedTable& table = table_cache().get(kernel_tensors.grads, device, is_capturing(stream));
 
   const at::TensorOptions float64 = at::TensorOptions().dtype(at::kDouble).device(device);
-  at::Tensor scratch = at::empty({table.layout.num_chunks + 1}, float64);
+  // Partials, the coefficient, and the fallback's arrival counter (in the last double's bytes).
+  at::Tensor scratch = at::empty({table.layout.num_chunks + 2}, float64);
   // The per-tensor norms in an allocation of their own: clip_with_tensor_norms_ returns them, and a
   // view into the scratch would differ from the fake kernel's fresh tensor (storage offset,
   // aliasing; opcheck fails) and keep the whole scratch alive as long as the user keeps the norms.
@@ -142,8 +141,13 @@ at::Tensor run(at::TensorList tensors, const Norm& norm, at::ScalarType total_ty
   args.given_total = given_total != nullptr ? given_total->data_ptr() : nullptr;
   args.given_total_dtype = given_total != nullptr ? kernel_dtype(given_total->scalar_type()) : args.total_dtype;
   args.scratch = {base, tensor_norms.data_ptr<double>(), base + table.layout.num_chunks,
-                  reinterpret_cast<unsigned int*>(table.arrival_counter.data_ptr<int32_t>())};
-  C10_CUDA_CHECK(cuda::launch(args, stream));
+                  reinterpret_cast<unsigned int*>(base + table.layout.num_chunks + 1)};
+  bool cooperative_refused = false;
+  C10_CUDA_CHECK(cuda::launch(args, stream, &cooperative_refused));
+  if (cooperative_refused) {
+    TORCH_WARN_ONCE("fastclip: the GPU refused the single cooperative launch (MPS, MIG, or its SMs held by another "
+                    "process); using the two-launch path, which gives the same results");
+  }
   // Always written back: whether the kernel scaled is known only on the device, and the host must
   // not ask. Only non-dense gradients have copies; they are rare.
   if (scale) kernel_tensors.write_back();

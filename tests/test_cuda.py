@@ -165,6 +165,33 @@ def test_single_launch_and_fallback_agree_bitwise(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
+_TWO_STREAMS_SCRIPT = """
+import torch, fastclip
+g = torch.Generator().manual_seed(0)
+grads = [torch.randn(n, generator=g).cuda() for n in (2_000_003, 70_001, 5)]
+expected = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in grads]))
+streams = [torch.cuda.Stream() for _ in range(2)]
+for _ in range(50):  # the same gradient set, the same cached table, two calls in flight at once
+    norms = []
+    for stream in streams:
+        with torch.cuda.stream(stream):
+            norms.append(fastclip.get_total_norm(grads, backend="cpp"))
+    torch.cuda.synchronize()
+    assert all(torch.equal(n, norms[0]) for n in norms), norms
+    assert abs(float(norms[0]) - float(expected)) <= 1e-5 * float(expected), (norms, expected)
+print("ok")
+"""
+
+
+def test_fallback_calls_in_flight_on_two_streams():
+    """The two-launch path's arrival counter is each call's own: two calls on one gradient set in
+    flight on two streams both get the right norm (one counter per table once mixed their counts)."""
+    require_backend("cpp", "cuda")
+    env = {**os.environ, "FASTCLIP_CUDA_COOPERATIVE": "0"}
+    result = subprocess.run([sys.executable, "-c", _TWO_STREAMS_SCRIPT], env=env, capture_output=True, text=True)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", FUSED_BACKENDS)
 def test_tensor_over_2_to_the_31_elements(name):

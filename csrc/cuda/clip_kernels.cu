@@ -329,7 +329,8 @@ __global__ void __launch_bounds__(kThreads) clip_cooperative_kernel(Params param
   if (params.args.scale) scale_by_given_or_computed(params);
 }
 
-// Fallback, launch 1: partials, then the last block to finish finalizes and resets the counter.
+// Fallback, launch 1: partials, then the last block to finish finalizes. The arrival counter is
+// this call's own, zeroed on the stream just before (see launch()).
 template <NormKind K>
 __global__ void __launch_bounds__(kThreads) norm_kernel(Params params) {
   reduce_chunks<K>(params);
@@ -340,7 +341,6 @@ __global__ void __launch_bounds__(kThreads) norm_kernel(Params params) {
   if (!is_last_block) return;
   __threadfence();
   finalize<K>(params);
-  if (threadIdx.x == 0) *params.args.scratch.arrival_counter = 0;  // ready for the next call or graph replay
 }
 
 // Fallback, launch 2 (and the only launch of scale-by-a-given-norm).
@@ -434,7 +434,8 @@ void fill_table(const GradEntry* grads, const TableLayout& layout, void* host_bu
   first_chunk[layout.num_tensors] = c;
 }
 
-cudaError_t launch(const ClipArgs& args, cudaStream_t stream) {
+cudaError_t launch(const ClipArgs& args, cudaStream_t stream, bool* cooperative_refused) {
+  if (cooperative_refused != nullptr) *cooperative_refused = false;
   int device = 0;
   cudaError_t error = cudaGetDevice(&device);
   const DeviceInfo* info = nullptr;
@@ -450,11 +451,23 @@ cudaError_t launch(const ClipArgs& args, cudaStream_t stream) {
     void* kernel_args[] = {&params};
     error = cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(cooperative_kernel_for(args.norm.kind)), grid,
                                         dim3(kThreads), kernel_args, 0, stream);
-    return error == cudaSuccess ? cudaGetLastError() : error;
+    if (error == cudaSuccess) return cudaGetLastError();
+    // Refused at launch (MPS or MIG limits, SMs held by another process, too many blocks): the
+    // two-launch path below computes the same bits. Any other error is reported as it is.
+    if (error != cudaErrorCooperativeLaunchTooLarge && error != cudaErrorNotSupported && error != cudaErrorNotPermitted) {
+      return error;
+    }
+    (void)cudaGetLastError();  // clear the refusal, which is not sticky
+    if (cooperative_refused != nullptr) *cooperative_refused = true;
   }
   const int64_t cap = 8LL * info->sms;
   const dim3 grid(static_cast<unsigned>(wanted < cap ? wanted : cap));
   if (args.compute_norm) {
+    // The call's own counter, zeroed in stream order (captured as a memset node): two calls in
+    // flight on two streams, or a call after an aborted one, never share a count.
+    if ((error = cudaMemsetAsync(args.scratch.arrival_counter, 0, sizeof(unsigned int), stream)) != cudaSuccess) {
+      return error;
+    }
     norm_kernel_for(args.norm.kind)<<<grid, kThreads, 0, stream>>>(params);
     if ((error = cudaGetLastError()) != cudaSuccess) return error;
   }

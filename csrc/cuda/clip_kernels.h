@@ -64,8 +64,8 @@ TableLayout table_layout(const GradEntry* grads, int64_t num_tensors);
 void fill_table(const GradEntry* grads, const TableLayout& layout, void* host_buffer);
 
 // Device scratch for one call: `partials` has layout.num_chunks doubles, `tensor_norms`
-// layout.num_tensors doubles, `coefficient` one double. `arrival_counter` (one unsigned int, zero
-// before the first call) is used by the two-launch fallback, whose last block resets it to zero.
+// layout.num_tensors doubles, `coefficient` one double. `arrival_counter` (one unsigned int, this
+// call's own) is used by the two-launch fallback, which zeroes it on the stream before its launches.
 struct Scratch {
   double* partials;
   double* tensor_norms;
@@ -93,6 +93,8 @@ struct ClipArgs {
 // cooperative launch when the device supports it (and FASTCLIP_CUDA_COOPERATIVE is not "0"), else
 // two launches. The scale phase writes nothing when the coefficient is 1; that is decided on the
 // device, so the host never waits for the GPU.
-cudaError_t launch(const ClipArgs& args, cudaStream_t stream);
+// `cooperative_refused`, if given, is set to whether the single cooperative launch was refused at
+// launch time and the two-launch path ran instead.
+cudaError_t launch(const ClipArgs& args, cudaStream_t stream, bool* cooperative_refused = nullptr);
 
 }  // namespace fastclip::cuda
