@@ -43,6 +43,12 @@ class TableCache {
     std::lock_guard<std::mutex> lock(mutex_);
     auto found = tables_.find(key);
     if (found == tables_.end()) {
+      // Built during a capture, the table's host-to-device copy would be recorded into the graph,
+      // not run: later eager calls would read an unfilled table. Capture after one eager call.
+      TORCH_CHECK(!capturing,
+                  "fastclip: these gradients were not seen before this CUDA graph capture; call fastclip once on "
+                  "the same tensors before capturing (warm-up). Non-contiguous gradients cannot be captured: each "
+                  "call clips a new contiguous copy of them, so make them contiguous first");
       evict_if_full();
       found = tables_.emplace(key, build(grads, device)).first;
       order_.push_back(key);

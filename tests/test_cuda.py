@@ -95,6 +95,27 @@ def test_cuda_graph_capture_and_replay(name, max_norm):
         assert abs(float(captured_norm) - float(expected)) <= 1e-5 * float(expected)
 
 
+def test_capture_without_warm_up_is_refused_clearly():
+    """A capture whose gradients fastclip has not seen raises (the table built inside it would be
+    filled only on replay, leaving eager calls an unfilled table), and eager calls still work."""
+    require_backend("cpp", "cuda")
+    params = _model_grads(3)
+    before = [p.grad.clone() for p in params]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with pytest.raises(RuntimeError, match="before capturing"):
+        with torch.cuda.stream(stream), torch.cuda.graph(torch.cuda.CUDAGraph()):
+            fastclip.clip_(params, CLIPPING, backend="cpp")
+    torch.cuda.synchronize()
+    assert all(torch.equal(p.grad, b) for p, b in zip(params, before)), "gradients changed by a refused capture"
+    reference = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for r, b in zip(reference, before):
+        r.grad = b.clone()
+    expected = torch.nn.utils.clip_grad_norm_(reference, CLIPPING)
+    norm = fastclip.clip_(params, CLIPPING, backend="cpp")
+    assert abs(float(norm) - float(expected)) <= 1e-5 * float(expected)
+
+
 @pytest.mark.parametrize("name", FUSED_BACKENDS)
 def test_no_host_synchronisation(name):
     """No call waits for the GPU: with "cpp" not even the first (table built and uploaded); with
