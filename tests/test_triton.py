@@ -134,3 +134,26 @@ def test_kernels_compile_for_gpus(kernels, arch):
     result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, str(arch)], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "compiled 30" in result.stdout  # 16 norm kernels, 6 of them overflow-safe, 4 scale, 4 coefficient
+
+
+_NOT_TUNED_SCRIPT = textwrap.dedent(
+    """
+    import triton
+    import fastclip.triton_kernels.clip as kernels
+
+    kernel = kernels._norm_kernel
+    assert isinstance(kernel, triton.runtime.jit.JITFunction), type(kernel)
+    unspecialised = {kernel.arg_names[i] if isinstance(i, int) else i for i in kernel.do_not_specialize}
+    assert {"num_tensors", "num_nonempty", "total_elements"} <= unspecialised, unspecialised
+    print("ok")
+    """
+)
+
+
+def test_norm_kernel_is_not_autotuned_nor_specialised_on_sizes(kernels):
+    """No autotuner (it benchmarks each new key on the GPU: a host wait, impossible under capture),
+    and the per-step sizes are not specialised on (a new size would recompile). Checked on the
+    compiled (not interpreted) kernel object, as a GPU process sees it."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _NOT_TUNED_SCRIPT], env=env, capture_output=True, text=True)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]

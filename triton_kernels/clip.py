@@ -356,7 +356,9 @@ def _clip_coefficient(total, max_norm, TOTAL_DTYPE: tl.constexpr):
     return tl.where(coefficient > 1.0, 1.0, coefficient)
 
 
-@triton.jit
+# The counts change with every model and the total with every batch of shapes: not specialised on,
+# so that a new size neither recompiles the kernel nor leaves the GPU waiting on the compiler.
+@triton.jit(do_not_specialize=["num_tensors", "num_nonempty", "total_elements"])
 def _norm_kernel(chunks_ptr, tensors_ptr, partials_ptr, tensor_norms_ptr, counters_ptr, total_ptr,
                  coefficient_ptr, partial_exponents_ptr, tensor_exponents_ptr, num_tensors, num_nonempty, p_bits,
                  max_norm_bits, total_elements, NORM: tl.constexpr, TOTAL_DTYPE: tl.constexpr,
@@ -482,16 +484,12 @@ def _coefficient_kernel(total_ptr, coefficient_ptr, max_norm_bits, TOTAL_DTYPE: 
     tl.store(coefficient_ptr, _clip_coefficient(tl.load(total_ptr), max_norm, TOTAL_DTYPE))
 
 
-# A small autotune space for the memory-bound reduction, keyed on the total size (not on the list
-# of tensors, so a model's step does not retune). The interpreter runs one fixed configuration and
-# no autotuner: benchmarking configurations there would only measure Python, and Triton before 3.3
-# asks the GPU driver for a benchmarker when an autotuner is made, which fails without a GPU.
-# (Its blocks are large: each interpreted loop iteration costs Python time, a wide block does not.)
-if INTERPRETING:
-    _norm_kernel_tuned, _NORM_FIXED_CONFIG = _norm_kernel, {"BLOCK": 4096, "num_warps": 4}
-else:
-    _NORM_CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w) for b in (1024, 2048, 4096) for w in (4, 8)]
-    _norm_kernel_tuned, _NORM_FIXED_CONFIG = triton.autotune(configs=_NORM_CONFIGS, key=["total_elements"])(_norm_kernel), {}
+# One configuration, chosen by rule rather than by autotuning: an autotuner benchmarks every new key
+# on the GPU, which waits for the host (breaking the no-sync promise) and cannot run inside a CUDA
+# graph capture. Each program reduces a chunk of CHUNK elements in BLOCK-wide steps; 8 warps give
+# each thread 16 elements a step, enough loads in flight for a memory-bound stream. The interpreter
+# takes the same configuration (each interpreted step costs Python time, a wide block does not).
+_NORM_CONFIG = {"BLOCK": 4096, "num_warps": 8}
 # The scale kernel writes the gradients, so it cannot be benchmarked in place: one configuration.
 _SCALE_BLOCK, _SCALE_WARPS = (4096 if INTERPRETING else 2048), 8
 
@@ -679,12 +677,12 @@ def _run_norm(tensors: list[torch.Tensor], norm_type: float, max_norm: float, to
         tensor_norms = tensor_norms_out if tensor_norms_out is not None else torch.empty(
             len(tensors), dtype=torch.float64, device=device)
         partial_exponents = tensor_exponents = counters  # not read
-    wrap_triton(_norm_kernel_tuned)[(num_chunks,)](
+    wrap_triton(_norm_kernel)[(num_chunks,)](
         chunks, table, partials, tensor_norms, counters, total, coefficient, partial_exponents, tensor_exponents,
         len(tensors), len(numels) - numels.count(0), _float_bits(float(norm_type)), _float_bits(float(max_norm)),
         sum(numels), NORM=kind, TOTAL_DTYPE=DTYPE_TAGS[total_dtype], CPU_RULES=device.type == "cpu", SAFE=safe,
         BARRIER=not INTERPRETING, enable_fp_fusion=True,  # fused multiply-adds in the sums: fine for E5
-        **_NORM_FIXED_CONFIG,
+        **_NORM_CONFIG,
     )
     return total, coefficient, (chunks, table, num_chunks)
 
