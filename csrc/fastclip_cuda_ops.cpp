@@ -8,12 +8,15 @@
 // captured is never evicted, so the captured graph stays valid for as long as the process lives.
 // Nothing here waits for the GPU: no .item(), no synchronising copies.
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <cstring>
+#include <algorithm>
 #include <deque>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <tuple>
@@ -33,11 +36,14 @@ struct CachedTable {
   at::Tensor device;              // the table the kernels read
   cuda::TableLayout layout;
   bool used_in_capture = false;   // never evicted then
+  std::vector<c10::StreamId> streams;  // the streams it has been used on (the first allocated it)
 };
 
 class TableCache {
  public:
-  CachedTable& get(const std::vector<cuda::GradEntry>& grads, const at::Device& device, bool capturing) {
+  // Shared, so that another thread's eviction never frees a table while this call uses it.
+  std::shared_ptr<const CachedTable> get(const std::vector<cuda::GradEntry>& grads, const at::Device& device,
+                                         const c10::cuda::CUDAStream& stream, bool capturing) {
     std::string key(reinterpret_cast<const char*>(grads.data()), grads.size() * sizeof(cuda::GradEntry));
     key.append(reinterpret_cast<const char*>(&device), sizeof device);
     std::lock_guard<std::mutex> lock(mutex_);
@@ -50,29 +56,40 @@ class TableCache {
                   "the same tensors before capturing (warm-up). Non-contiguous gradients cannot be captured: each "
                   "call clips a new contiguous copy of them, so make them contiguous first");
       evict_if_full();
-      found = tables_.emplace(key, build(grads, device)).first;
+      found = tables_.emplace(key, build(grads, device, stream)).first;
       order_.push_back(key);
     }
-    found->second.used_in_capture |= capturing;
+    CachedTable& table = *found->second;
+    table.used_in_capture |= capturing;
+    if (!capturing && std::find(table.streams.begin(), table.streams.end(), stream.id()) == table.streams.end()) {
+      // Used on a stream other than the one that allocated it: the caching allocator must not reuse
+      // its memory, once evicted, before this stream's work on it is done. (A table used in a
+      // capture is never evicted.)
+      c10::cuda::CUDACachingAllocator::recordStream(table.device.storage().data_ptr(), stream);
+      table.streams.push_back(stream.id());
+    }
     return found->second;
   }
 
  private:
-  static CachedTable build(const std::vector<cuda::GradEntry>& grads, const at::Device& device) {
-    CachedTable table;
+  static std::shared_ptr<CachedTable> build(const std::vector<cuda::GradEntry>& grads, const at::Device& device,
+                                            const c10::cuda::CUDAStream& stream) {
+    auto built = std::make_shared<CachedTable>();
+    CachedTable& table = *built;
+    table.streams.push_back(stream.id());
     table.layout = cuda::table_layout(grads.data(), static_cast<int64_t>(grads.size()));
     const auto bytes = static_cast<int64_t>(table.layout.bytes);
     table.host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
     cuda::fill_table(grads.data(), table.layout, table.host.data_ptr());
     table.device = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).device(device));
     table.device.copy_(table.host, /*non_blocking=*/true);  // stream-ordered, no host wait
-    return table;
+    return built;
   }
 
   void evict_if_full() {
     for (auto it = order_.begin(); tables_.size() >= kMaxCachedTables && it != order_.end();) {
       auto table = tables_.find(*it);
-      if (table->second.used_in_capture) {
+      if (table->second->used_in_capture) {
         ++it;
       } else {
         tables_.erase(table);
@@ -82,7 +99,7 @@ class TableCache {
   }
 
   std::mutex mutex_;
-  std::unordered_map<std::string, CachedTable> tables_;
+  std::unordered_map<std::string, std::shared_ptr<CachedTable>> tables_;
   std::deque<std::string> order_;  // insertion order, oldest first
 };
 
@@ -120,10 +137,13 @@ at::Tensor run(at::TensorList tensors, const Norm& norm, at::ScalarType total_ty
   const at::Device device = tensors[0].device();
   TORCH_CHECK(device.is_cuda(), "fastclip: expected CUDA tensors, got one on ", device);
   const c10::cuda::CUDAGuard guard(device);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  const c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream(device.index());
+  const cudaStream_t stream = current.stream();
   const at::ScalarType coefficient_type = given_total != nullptr ? given_total->scalar_type() : total_type;
   CudaKernelTensors kernel_tensors(tensors, coefficient_type);
-  CachedTable& table = table_cache().get(kernel_tensors.grads, device, is_capturing(stream));
+  const std::shared_ptr<const CachedTable> cached = table_cache().get(kernel_tensors.grads, device, current,
+                                                                      is_capturing(stream));
+  const CachedTable& table = *cached;
 
   const at::TensorOptions float64 = at::TensorOptions().dtype(at::kDouble).device(device);
   // Partials, the coefficient, and the fallback's arrival counter (in the last double's bytes).

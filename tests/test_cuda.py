@@ -233,3 +233,26 @@ def test_tensor_over_2_to_the_31_elements(name):
     torch.nn.utils.clip_grads_with_norm_([expected], 6.5, norm)
     assert torch.equal(grad[-5:], expected)
     assert int(torch.count_nonzero(grad[: n - 3])) == 0
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("name", FUSED_BACKENDS)
+def test_gradients_on_a_gpu_that_is_not_current(name):
+    """Kernels launch on the gradients' GPU (a device guard), not on the current one."""
+    require_backend(name, "cuda")
+    generator = torch.Generator().manual_seed(4)
+    values = [torch.randn(n, generator=generator) for n in (100_003, 17)]
+    mine = [torch.nn.Parameter(torch.zeros(v.shape, device="cuda:1")) for v in values]
+    reference = [torch.nn.Parameter(torch.zeros(v.shape, device="cuda:1")) for v in values]
+    for p, q, v in zip(mine, reference, values):
+        p.grad, q.grad = v.to("cuda:1"), v.to("cuda:1")
+    with torch.cuda.device(0):
+        norm = fastclip.clip_(mine, CLIPPING, backend=name)
+        expected = torch.nn.utils.clip_grad_norm_(reference, CLIPPING)
+    assert norm.device == torch.device("cuda:1")
+    assert abs(float(norm) - float(expected)) <= 1e-5 * float(expected)
+    rescaled = [torch.nn.Parameter(torch.zeros(v.shape, device="cuda:1")) for v in values]
+    for p, v in zip(rescaled, values):
+        p.grad = v.to("cuda:1")
+    torch.nn.utils.clip_grads_with_norm_(rescaled, CLIPPING, norm)  # E3: torch's scaling by fastclip's norm
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(mine, rescaled))

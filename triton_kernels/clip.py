@@ -26,6 +26,7 @@ which E5 forbids; fp64 sums are never further).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import operator
 import os
@@ -697,6 +698,11 @@ def _run_scale(tables, coefficient: torch.Tensor, coefficient_dtype: torch.dtype
         )
 
 
+def _device_guard(device: torch.device):
+    """Launch on the tensors' GPU, not the current one: Triton launches on the current device."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _total_dtype(tensors: list[torch.Tensor], what: str, overflow_safe: bool) -> torch.dtype:
     """The total norm's dtype: torch's, widened to at least fp32 for the overflow-safe norm."""
     dtype = _checked_total_dtype(tensors, what)
@@ -709,7 +715,8 @@ def total_norm(tensors: List[torch.Tensor], norm_type: float, overflow_safe: boo
     or the overflow-safe norm of all their elements (see _scaled_chunk_partial)."""
     total_dtype = _total_dtype(tensors, "total_norm", overflow_safe)
     dense, _ = _dense(tensors)
-    total, _, _ = _run_norm(dense, norm_type, 1.0, total_dtype, overflow_safe)
+    with _device_guard(tensors[0].device):
+        total, _, _ = _run_norm(dense, norm_type, 1.0, total_dtype, overflow_safe)
     return total
 
 
@@ -719,8 +726,9 @@ def _clip(grads: list[torch.Tensor], max_norm: float, norm_type: float, overflow
     total_dtype = _total_dtype(grads, what, overflow_safe)
     dense, copies = _dense(grads)
     tensor_norms = torch.zeros(len(grads), dtype=torch.float64, device=grads[0].device) if with_tensor_norms else None
-    total, coefficient, tables = _run_norm(dense, norm_type, max_norm, total_dtype, overflow_safe, tensor_norms)
-    _run_scale(tables, coefficient, total_dtype)
+    with _device_guard(grads[0].device):
+        total, coefficient, tables = _run_norm(dense, norm_type, max_norm, total_dtype, overflow_safe, tensor_norms)
+        _run_scale(tables, coefficient, total_dtype)
     for original, copy in copies:  # whether anything was scaled is known only on the device
         original.copy_(copy)
     return total, tensor_norms
@@ -749,9 +757,10 @@ def scale_with_norm_(grads: List[torch.Tensor], max_norm: float, total_norm: tor
     dense, copies = _dense(grads)
     total = total_norm.reshape(()).to(grads[0].device)
     coefficient = torch.empty((), dtype=torch.float64, device=grads[0].device)
-    wrap_triton(_coefficient_kernel)[(1,)](total, coefficient, _float_bits(float(max_norm)),
-                                          TOTAL_DTYPE=DTYPE_TAGS[total.dtype], enable_fp_fusion=False)
-    _run_scale(_tables_for(dense, total.dtype, list(map(torch.Tensor.numel, dense))), coefficient, total.dtype)
+    with _device_guard(grads[0].device):
+        wrap_triton(_coefficient_kernel)[(1,)](total, coefficient, _float_bits(float(max_norm)),
+                                              TOTAL_DTYPE=DTYPE_TAGS[total.dtype], enable_fp_fusion=False)
+        _run_scale(_tables_for(dense, total.dtype, list(map(torch.Tensor.numel, dense))), coefficient, total.dtype)
     for original, copy in copies:
         original.copy_(copy)
 
