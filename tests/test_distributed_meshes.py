@@ -82,13 +82,9 @@ def _twin_models(build):
     return mine, reference
 
 
-def _fsdp_tp(rank, backends):
-    """torchtitan's Llama plan (TP with sequence-parallel norms, FSDP2 per block) on a 2 x 2 mesh:
-    every gradient is a DTensor on the (dp, tp) mesh, FSDP's dimension a _StridedShard where TP also
-    shards dim 0. Against torch's clip_grad_norm_ machinery on the same DTensors."""
-    import fastclip
-    from harness import assert_same
-    from tiny_llama import LlamaConfig, Transformer, apply_fsdp, apply_tensor_parallel, batch
+def _llama_on_fsdp_tp_mesh():
+    """(the 2 x 2 (dp, tp) mesh, the config, twin Llama models sharded the torchtitan way on it)."""
+    from tiny_llama import LlamaConfig, Transformer, apply_fsdp, apply_tensor_parallel
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
@@ -100,7 +96,18 @@ def _fsdp_tp(rank, backends):
         apply_fsdp(model, mesh["dp"])
         return model
 
-    mine, reference = _twin_models(build)
+    return mesh, config, _twin_models(build)
+
+
+def _fsdp_tp(rank, backends):
+    """torchtitan's Llama plan (TP with sequence-parallel norms, FSDP2 per block) on a 2 x 2 mesh:
+    every gradient is a DTensor on the (dp, tp) mesh, FSDP's dimension a _StridedShard where TP also
+    shards dim 0. Against torch's clip_grad_norm_ machinery on the same DTensors."""
+    import fastclip
+    from harness import assert_same
+    from tiny_llama import batch
+
+    mesh, config, (mine, reference) = _llama_on_fsdp_tp_mesh()
     tokens = batch(config, seed=mesh.get_coordinate()[0])  # data parallel: one batch per dp rank
     placements = {type(p).__name__ for m in mine.parameters() for p in m.placements}
     assert "_StridedShard" in placements or "Shard" in placements, placements
@@ -111,7 +118,8 @@ def _fsdp_tp(rank, backends):
                 model.zero_grad()
                 model.loss(tokens).backward()
             full = [p.grad.full_tensor() for p in mine.parameters()]
-            norm, collectives = _counted(lambda: fastclip.clip_(mine.parameters(), 0.05, norm_type, backend=backend), dtensor=True)
+            norm, collectives = _counted(lambda: fastclip.clip_(mine.parameters(), 0.05, norm_type, backend=backend),
+                                         dtensor=True)
             assert collectives == 1, f"{what}: {collectives} collectives, expected 1"
             torch_norm = torch.nn.utils.get_total_norm([p.grad for p in reference.parameters()], norm_type).full_tensor()
             _assert_norm(norm, full, norm_type, what, torch_norm)
@@ -145,7 +153,8 @@ def _hsdp(rank, backends):
                 model.loss(tokens).backward()
             assert all(p.grad.placements[0].is_replicate() for p in mine.parameters())
             full = [p.grad.full_tensor() for p in mine.parameters()]
-            norm, collectives = _counted(lambda: fastclip.clip_(mine.parameters(), 0.05, norm_type, backend=backend), dtensor=True)
+            norm, collectives = _counted(lambda: fastclip.clip_(mine.parameters(), 0.05, norm_type, backend=backend),
+                                         dtensor=True)
             assert collectives == 1, f"{what}: {collectives} collectives, expected 1"
             torch_norm = torch.nn.utils.get_total_norm([p.grad for p in reference.parameters()], norm_type).full_tensor()
             _assert_norm(norm, full, norm_type, what, torch_norm)
@@ -330,7 +339,8 @@ def _uneven(rank, backends):
             p.grad = t.clone()
         for norm_type in NORM_TYPES:
             norm, collectives = _counted(lambda: fastclip.get_total_norm([p.grad for p in params], norm_type,
-                                                                         group=dist.group.WORLD, backend=backend), dtensor=False)
+                                                                         group=dist.group.WORLD, backend=backend),
+                                         dtensor=False)
             assert collectives == 1
             _assert_norm(norm, [full], norm_type, f"group=, a rank without gradients, rank {rank}, {backend}")
 
@@ -404,19 +414,9 @@ def _torchtitan_training(rank, backends):
     fastclip's norm (E3), and fastclip's path takes one collective where torch's takes two."""
     import fastclip
     from harness import assert_same
-    from tiny_llama import LlamaConfig, Transformer, apply_fsdp, apply_tensor_parallel, batch
-    from torch.distributed.device_mesh import init_device_mesh
+    from tiny_llama import batch
 
-    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
-    config = LlamaConfig()
-
-    def build():
-        model = Transformer(config)
-        apply_tensor_parallel(model, mesh["tp"])
-        apply_fsdp(model, mesh["dp"])
-        return model
-
-    patched, plain = _twin_models(build)
+    mesh, config, (patched, plain) = _llama_on_fsdp_tp_mesh()
     optimizer = torch.optim.AdamW(patched.parameters(), lr=1e-2)
     clipped_steps = 0
     for step in range(3):
@@ -485,7 +485,8 @@ def _stage_mesh_worker(rank: int, init_file: str, backends: list[str]) -> None:
                              for i, shape in enumerate(shapes[s])] for s in shapes}
         for backend in backends:
             for norm_type in NORM_TYPES:
-                for extra_groups, truth in ((None, full_by_stage[stage]), (mesh["pp"], full_by_stage[0] + full_by_stage[1])):
+                every_stage = full_by_stage[0] + full_by_stage[1]
+                for extra_groups, truth in ((None, full_by_stage[stage]), (mesh["pp"], every_stage)):
                     what = f"stage mesh, rank {rank}, {backend}, norm_type {norm_type}, extra_groups {extra_groups}"
                     params = []
                     for full in full_by_stage[stage]:
