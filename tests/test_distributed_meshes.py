@@ -99,12 +99,30 @@ def _llama_on_fsdp_tp_mesh():
     return mesh, config, _twin_models(build)
 
 
+def _clip_twin_against_torch(mine, reference, tokens, norm_type, backend, what):
+    """One step of twin models: fastclip clips ``mine`` in one collective; its norm is torch's
+    norm of ``reference``'s gradients (E2/E5), and its local shards torch's scaling by it (E3)."""
+    import fastclip
+    from harness import assert_same
+
+    for model in (mine, reference):
+        model.zero_grad()
+        model.loss(tokens).backward()
+    full = [p.grad.full_tensor() for p in mine.parameters()]
+    norm, collectives = _counted(lambda: fastclip.clip_(mine.parameters(), 0.05, norm_type, backend=backend),
+                                 dtensor=True)
+    assert collectives == 1, f"{what}: {collectives} collectives, expected 1"
+    torch_norm = torch.nn.utils.get_total_norm([p.grad for p in reference.parameters()], norm_type).full_tensor()
+    _assert_norm(norm, full, norm_type, what, torch_norm)
+    torch.nn.utils.clip_grads_with_norm_(reference.parameters(), 0.05, norm)
+    for i, (a, b) in enumerate(zip(mine.parameters(), reference.parameters())):
+        assert_same(a.grad.to_local(), b.grad.to_local(), f"{what}: [E3] local shard {i}")
+
+
 def _fsdp_tp(rank, backends):
     """torchtitan's Llama plan (TP with sequence-parallel norms, FSDP2 per block) on a 2 x 2 mesh:
     every gradient is a DTensor on the (dp, tp) mesh, FSDP's dimension a _StridedShard where TP also
     shards dim 0. Against torch's clip_grad_norm_ machinery on the same DTensors."""
-    import fastclip
-    from harness import assert_same
     from tiny_llama import batch
 
     mesh, config, (mine, reference) = _llama_on_fsdp_tp_mesh()
@@ -113,19 +131,8 @@ def _fsdp_tp(rank, backends):
     assert "_StridedShard" in placements or "Shard" in placements, placements
     for backend in backends:
         for norm_type in NORM_TYPES:
-            what = f"FSDP2 x TP, rank {rank}, {backend}, norm_type {norm_type}"
-            for model in (mine, reference):
-                model.zero_grad()
-                model.loss(tokens).backward()
-            full = [p.grad.full_tensor() for p in mine.parameters()]
-            norm, collectives = _counted(lambda: fastclip.clip_(mine.parameters(), 0.05, norm_type, backend=backend),
-                                         dtensor=True)
-            assert collectives == 1, f"{what}: {collectives} collectives, expected 1"
-            torch_norm = torch.nn.utils.get_total_norm([p.grad for p in reference.parameters()], norm_type).full_tensor()
-            _assert_norm(norm, full, norm_type, what, torch_norm)
-            torch.nn.utils.clip_grads_with_norm_(reference.parameters(), 0.05, norm)
-            for i, (a, b) in enumerate(zip(mine.parameters(), reference.parameters())):
-                assert_same(a.grad.to_local(), b.grad.to_local(), f"{what}: [E3] local shard {i}")
+            _clip_twin_against_torch(mine, reference, tokens, norm_type, backend,
+                                     f"FSDP2 x TP, rank {rank}, {backend}, norm_type {norm_type}")
 
 
 def _hsdp(rank, backends):
@@ -148,19 +155,8 @@ def _hsdp(rank, backends):
     for backend in backends:
         for norm_type in NORM_TYPES:
             what = f"HSDP, rank {rank}, {backend}, norm_type {norm_type}"
-            for model in (mine, reference):
-                model.zero_grad()
-                model.loss(tokens).backward()
+            _clip_twin_against_torch(mine, reference, tokens, norm_type, backend, what)
             assert all(p.grad.placements[0].is_replicate() for p in mine.parameters())
-            full = [p.grad.full_tensor() for p in mine.parameters()]
-            norm, collectives = _counted(lambda: fastclip.clip_(mine.parameters(), 0.05, norm_type, backend=backend),
-                                         dtensor=True)
-            assert collectives == 1, f"{what}: {collectives} collectives, expected 1"
-            torch_norm = torch.nn.utils.get_total_norm([p.grad for p in reference.parameters()], norm_type).full_tensor()
-            _assert_norm(norm, full, norm_type, what, torch_norm)
-            torch.nn.utils.clip_grads_with_norm_(reference.parameters(), 0.05, norm)
-            for i, (a, b) in enumerate(zip(mine.parameters(), reference.parameters())):
-                assert_same(a.grad.to_local(), b.grad.to_local(), f"{what}: [E3] local shard {i}")
             # torch's norm of DTensors is a DTensor; clip_grads_with_norm_ takes it as torch's does
             # (Accelerate passes one), on the now equal gradients.
             dtensor_norm = torch.nn.utils.get_total_norm([p.grad for p in reference.parameters()], norm_type) * 3
