@@ -12,6 +12,8 @@ from fastclip.api import (
     get_total_norm,
 )
 from fastclip.amp import unscale_clip_
+from fastclip.skip import SkipOnSpike
+from fastclip.step import clipped_step
 from fastclip.monitor import ClipMonitor
 from fastclip.patch import patch_torch
 
@@ -19,11 +21,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ClipMonitor",
+    "SkipOnSpike",
     "available_backends",
     "clip_",
     "clip_grad_value_",
     "clip_grads_with_norm_",
     "clip_with_tensor_norms_",
+    "clipped_step",
     "get_total_norm",
     "patch_torch",
     "unscale_clip_",
