@@ -6,7 +6,7 @@
 # 2. runs the GPU tests (every test marked `gpu`: the differential harness on CUDA tensors for the
 #    torch, cpp and triton backends, opcheck on CUDA, both launch paths, peak memory);
 # 3. checks CUDA-graph capture and replay, and that no call synchronises with the host;
-# 4. runs a short benchmark (quick preset, CUDA events);
+# 4. runs a short benchmark (quick preset, CUDA events) and the clipping + fused-step benchmark;
 # and writes one summary (device, versions, pass/fail and time per step, benchmark rows) to
 # bench/results/gpu-check-<device>-<date>.md, copied with the logs to $OUT when that is set (the
 # device tool brings $OUT back). Every step runs even if an earlier one failed; the exit status is
@@ -65,6 +65,7 @@ run_step gpu-tests 300 "$PYTHON" -m pytest tests -m gpu -q -p no:cacheprovider -
 run_step graph-capture-and-no-sync 60 "$PYTHON" -m pytest tests/test_cuda.py -q -p no:cacheprovider \
   -k "graph_capture or no_host_synchronisation"
 run_step benchmark 150 "$PYTHON" -m bench.run --preset quick --repeats 5 --out bench/results
+run_step optim-step-benchmark 90 "$PYTHON" -m bench.optim_step --repeats 5 --out bench/results
 
 {
   echo "# fastclip GPU check: $device"
@@ -92,6 +93,11 @@ print(f'Python {platform.python_version()}, torch {torch.__version__} (CUDA {tor
   # bench.run's last line names what it wrote: the CSV it appended to, its markdown table and plot.
   bench_md=$(grep "^written:" "$logs/benchmark.log" | tr ',' '\n' | grep -o '[^ ]*\.md$' | head -1)
   if [ -n "$bench_md" ]; then sed -n '/^|/,$p' "$bench_md"; else echo "(no benchmark table: see the benchmark step's log)"; fi
+  echo
+  echo "## Clipping + fused AdamW step (bench/optim_step.py)"
+  echo
+  step_md=$(grep "^written:" "$logs/optim-step-benchmark.log" | grep -o '[^ ]*\.md$' | head -1)
+  if [ -n "$step_md" ]; then sed -n '/^## /,$p' "$step_md"; else echo "(no table: see the optim-step-benchmark log)"; fi
 } > "$summary"
 echo "== gpu-check: summary in $summary"
 cat "$summary"
@@ -101,5 +107,6 @@ if [ -n "${OUT:-}" ]; then
   cp "$summary" "$OUT/"
   cp "$logs"/*.log "$OUT/logs/" 2> /dev/null
   [ -z "${bench_md:-}" ] || cp "$bench_md" "${bench_md%.md}.png" "$OUT/" 2> /dev/null
+  [ -z "${step_md:-}" ] || cp "$step_md" "$OUT/" 2> /dev/null
 fi
 exit "$failed"

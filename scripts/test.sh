@@ -15,8 +15,8 @@ echo "== torch $(python -c 'import torch; print(torch.__version__)'): done at $(
 deactivate
 second_torch=${FASTCLIP_SECOND_TORCH-2.14.1}
 # The second lane's CUDA build of torch and its NVIDIA libraries take about 6 GB of disk (5.7 GB
-# measured). Where that is not free (and not already installed), pip would die half-way with "No space left on device":
-# say plainly that the lane is skipped and why, and keep the first lane's verdict.
+# measured). Where that is not free (and not already installed), pip would die half-way with "No space
+# left on device": say plainly that the lane is skipped and why, and keep the first lane's verdict.
 need_gb=${FASTCLIP_SECOND_LANE_GB:-7}
 free_gb=$(df -Pk . | awk 'NR == 2 { print int($4 / 1048576) }')
 if [ -n "$second_torch" ] && [ ! -x "build/torch-$second_torch/.venv/bin/python" ] && [ "$free_gb" -lt "$need_gb" ]; then

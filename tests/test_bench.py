@@ -70,3 +70,34 @@ def test_tiny_run_writes_every_output(tmp_path):
     rows = (tmp_path / "benchmarks.csv").read_text().splitlines()
     assert len(rows) == 1 + sum(2 * len(r.providers()) for r in results)
     assert (tmp_path / written[2].rsplit("/", 1)[1]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_optim_step_gate_rejects_a_provider_that_does_not_clip(monkeypatch):
+    """bench/optim_step.py checks every provider's gradients against torch's loop before timing: one
+    that steps without clipping must stop it."""
+    from bench import optim_step
+
+    real = optim_step.providers
+
+    def with_a_wrong_one(optimizer, params, skip):
+        table = real(optimizer, params, skip)
+        table["steps without clipping"] = lambda max_norm, scaler: (
+            scaler.step(optimizer) if scaler is not None else optimizer.step())
+        return table
+
+    monkeypatch.setattr(optim_step, "providers", with_a_wrong_one)
+    with pytest.raises(AssertionError, match="steps without clipping, clip, no scaler"):
+        optim_step.bench_workload(with_dtype([(300,), (40, 20)], torch.float32), "cpu", 1, run.Timer("cpu"),
+                                  _NoProgress())
+
+
+def test_optim_step_tiny_run_reports_every_provider_and_step_kind():
+    from bench import optim_step
+
+    result = optim_step.bench_workload(with_dtype([(300,), (40, 20)], torch.float32), "cpu", 2, run.Timer("cpu"),
+                                       _NoProgress())
+    text = optim_step.markdown({"tiny": result})
+    for name in ("torch", "fastclip clip_ + step", "clipped_step grad_scale", "clipped_step auto",
+                 "clipped_step auto + skip"):
+        assert text.count(f"| {name} | ") == 1
+    assert text.count("of limit") == 5 * len(optim_step.STEP_KINDS)

@@ -256,3 +256,32 @@ def test_gradients_on_a_gpu_that_is_not_current(name):
         p.grad = v.to("cuda:1")
     torch.nn.utils.clip_grads_with_norm_(rescaled, CLIPPING, norm)  # E3: torch's scaling by fastclip's norm
     assert all(torch.equal(p.grad, q.grad) for p, q in zip(mine, rescaled))
+
+
+@pytest.mark.parametrize("path", ["clip", "grad_scale"])
+def test_clipped_step_skips_on_the_device_without_a_sync(path):
+    """clipped_step with a fused AdamW, a GradScaler and SkipOnSpike: after a warm-up step (which
+    creates the optimizer's state and moves SkipOnSpike's state to the GPU), no step synchronises, and
+    a spike is skipped (step counts stay behind by one)."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(shape, device="cuda")) for shape in ((256, 128), (128,), (64, 256))]
+    optimizer = torch.optim.AdamW(params, lr=1e-3, fused=True)
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**10)
+    skip = fastclip.SkipOnSpike(window=8, min_history=4)
+
+    def step(factor: float) -> None:
+        scale = scaler.scale(torch.ones((), device="cuda"))
+        for p in params:
+            p.grad = torch.randn_like(p) * scale * factor
+        fastclip.clipped_step(optimizer, 1.0, scaler=scaler, skip=skip, loss=scale / scale, path=path)
+        scaler.update()
+
+    step(1.0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for i in range(10):
+            step(1000.0 if i == 8 else 1.0)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert int(skip.skipped_steps) == 1 and int(optimizer.state[params[0]]["step"]) == 10

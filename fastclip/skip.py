@@ -1,0 +1,181 @@
+"""``SkipOnSpike``: decide on the device, without a host synchronisation, whether a training step is
+an outlier that should be skipped (OLMo-core's skip-step rule), so the decision can go to a fused
+optimizer's ``found_inf`` (see :func:`fastclip.clipped_step`)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class _History:
+    """The last ``window`` finite values of one quantity (gradient norm or loss), in a float64 ring
+    buffer on the device, and the count of values ever recorded. Every operation is a device op on
+    0-dim tensors: nothing is read to the host."""
+
+    def __init__(self, window: int, device: torch.device):
+        self.values = torch.zeros(window, dtype=torch.float64, device=device)
+        self.count = torch.zeros((), dtype=torch.int64, device=device)
+        self._positions = torch.arange(window, device=device)
+
+    def is_spike(self, value: torch.Tensor, sigma: float, min_history: int) -> torch.Tensor:
+        """True (0-dim bool) iff ``value - mean > sigma * std`` over the values held, with the unbiased
+        standard deviation, once ``min_history`` values are held counting ``value`` itself."""
+        window = self.values.numel()
+        held = self.count.clamp(max=window)
+        mask = self._positions < held
+        mean = torch.where(mask, self.values, 0.0).sum() / held.clamp(min=1)
+        # Two passes (mean, then squared deviations) in float64: no cancellation for norms whose
+        # spread is small against their size.
+        deviations = torch.where(mask, self.values - mean, 0.0)
+        std = (deviations.square().sum() / (held - 1).clamp(min=1)).sqrt()
+        return (held + 1 >= min_history) & (value - mean > sigma * std)
+
+    def record(self, value: torch.Tensor) -> None:
+        """Append ``value`` if it is finite (a NaN would poison every later mean), overwriting the
+        oldest value once the window is full."""
+        finite = value.isfinite()
+        slot = (self.count % self.values.numel()).reshape(1)
+        kept = torch.where(finite, value, self.values.index_select(0, slot).squeeze(0))
+        self.values.index_copy_(0, slot, kept.reshape(1))
+        self.count += finite.to(torch.int64)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"values": self.values, "count": self.count}
+
+    def load(self, values: torch.Tensor, count: torch.Tensor) -> None:
+        if values.shape != self.values.shape:
+            raise ValueError(f"state_dict holds a window of {values.numel()} values, this SkipOnSpike has "
+                             f"{self.values.numel()}")
+        self.values.copy_(values)
+        self.count.copy_(count)
+
+
+class SkipOnSpike:
+    r"""Skips a step whose gradient norm (or loss) is an outlier against the recent ones, or is not
+    finite, deciding on the device so that no step waits for the host.
+
+    The rule is OLMo-core's skip-step optimizer's (``SkipStepAdamW``): keep the last ``window``
+    values, and once ``min_history`` are held counting the current one, skip iff
+    ``value - mean > sigma * std`` over the values held before it (unbiased std; one-sided, so an
+    unusually *small* norm never skips; equality proceeds). The gradient norm and, when given, the
+    loss are tested alike; either one skips. A skipped step's values stay in the window, so a spike
+    raises later thresholds, as in OLMo-core. Two things differ from OLMo-core, both on purpose: a
+    non-finite norm or loss always skips (OLMo-core's comparisons are False for NaN, so it would step),
+    and it is not recorded (one NaN in the window would make every later mean NaN and switch the rule
+    off for ``window`` steps).
+
+    The decision is a 0-dim bool tensor on the norm's device. :func:`fastclip.clipped_step` hands it
+    to a fused optimizer as ``found_inf``, which makes the whole update a no-op on the device:
+    parameters, moments and step count stay exactly as if ``step()`` had not been called.
+
+    Example::
+
+        skip = fastclip.SkipOnSpike()
+        optimizer = torch.optim.AdamW(model.parameters(), fused=True)
+        for batch in loader:
+            loss = model(batch).mean()
+            loss.backward()
+            fastclip.clipped_step(optimizer, max_norm=1.0, skip=skip, loss=loss.detach())
+            optimizer.zero_grad()
+        print(int(skip.skipped_steps))  # reading it synchronises; recording never does
+
+    Args:
+        window (int): how many recent values the mean and std are taken over. Default: 128
+        sigma (float): how many standard deviations above the mean a value must be to skip. Default: 6.0
+        min_history (int): the rule acts once this many values are held, counting the current one
+            (OLMo-core: ``max(20, window // 2)``). Default: 64
+
+    Attributes:
+        steps (Tensor): steps decided so far (0-dim int64, on the device).
+        skipped_steps (Tensor): of those, how many were skipped.
+        last_skipped_step (Tensor): index (from 0) of the last skipped step, -1 if none.
+    """
+
+    def __init__(self, window: int = 128, sigma: float = 6.0, min_history: int = 64):
+        if isinstance(window, bool) or not isinstance(window, int) or window < 2:
+            raise ValueError(f"window must be an int >= 2, got {window!r}")
+        if isinstance(min_history, bool) or not isinstance(min_history, int) or not 3 <= min_history <= window + 1:
+            # 3: the standard deviation needs two values held before the current one.
+            raise ValueError(f"min_history must be an int in [3, window + 1] = [3, {window + 1}], got {min_history!r}")
+        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not (math.isfinite(sigma) and sigma > 0):
+            raise ValueError(f"sigma must be a finite number > 0, got {sigma!r}")
+        self.window, self.sigma, self.min_history = window, float(sigma), min_history
+        self._device = torch.device("cpu")
+        self._allocate(self._device)
+
+    def _allocate(self, device: torch.device) -> None:
+        self._norms = _History(self.window, device)
+        self._losses = _History(self.window, device)
+        self.steps = torch.zeros((), dtype=torch.int64, device=device)
+        self.skipped_steps = torch.zeros((), dtype=torch.int64, device=device)
+        self.last_skipped_step = torch.full((), -1, dtype=torch.int64, device=device)
+
+    def _follow(self, device: torch.device) -> None:
+        """Moves the state to ``device`` (a copy, no synchronisation) the first time a norm arrives
+        there: the state is created before the model's device is known."""
+        if device != self._device:
+            state = self.state_dict()
+            self._device = device
+            self._allocate(device)
+            self.load_state_dict(state)
+
+    @torch.no_grad()
+    def update(self, total_norm: torch.Tensor, loss: torch.Tensor | None = None) -> torch.Tensor:
+        """Decide whether this step is skipped, and record its values.
+
+        Args:
+            total_norm (Tensor): the step's gradient norm before clipping (0-dim; unscaled, when a
+                ``GradScaler`` is in use).
+            loss (Tensor, optional): the step's loss (0-dim), tested by the same rule.
+
+        Returns:
+            A 0-dim bool tensor on ``total_norm``'s device: True to skip the step.
+        """
+        if not isinstance(total_norm, torch.Tensor) or total_norm.numel() != 1:
+            raise TypeError(f"total_norm must be a one-element tensor, got {total_norm!r}")
+        if loss is not None and (not isinstance(loss, torch.Tensor) or loss.numel() != 1):
+            raise TypeError(f"loss must be a one-element tensor or None, got {loss!r}")
+        self._follow(total_norm.device)
+        norm = total_norm.detach().reshape(()).to(torch.float64)
+        skip = ~norm.isfinite() | self._norms.is_spike(norm, self.sigma, self.min_history)
+        self._norms.record(norm)
+        if loss is not None:
+            loss = loss.detach().reshape(()).to(self._device, torch.float64)
+            skip |= ~loss.isfinite() | self._losses.is_spike(loss, self.sigma, self.min_history)
+            self._losses.record(loss)
+        self.skipped_steps += skip.to(torch.int64)
+        self.last_skipped_step.copy_(torch.where(skip, self.steps, self.last_skipped_step))
+        self.steps += 1
+        return skip
+
+    def state_dict(self) -> dict:
+        """The configuration and the device state (copies), for a checkpoint: a run resumed from it
+        decides the next steps exactly as the uninterrupted run would."""
+        return {
+            "window": self.window, "sigma": self.sigma, "min_history": self.min_history,
+            **{f"norms.{k}": v.clone() for k, v in self._norms.tensors().items()},
+            **{f"losses.{k}": v.clone() for k, v in self._losses.tensors().items()},
+            "steps": self.steps.clone(), "skipped_steps": self.skipped_steps.clone(),
+            "last_skipped_step": self.last_skipped_step.clone(),
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore what :meth:`state_dict` saved. The configuration must match this object's.
+
+        Raises:
+            ValueError: the configuration differs, or a key is missing (nothing is changed then).
+        """
+        config = {"window": self.window, "sigma": self.sigma, "min_history": self.min_history}
+        missing = [k for k in self.state_dict() if k not in state_dict]
+        if missing:
+            raise ValueError(f"state_dict lacks {missing}")
+        saved = {k: state_dict[k] for k in config}
+        if saved != config:
+            raise ValueError(f"state_dict was saved with {saved}, this SkipOnSpike has {config}")
+        for name, history in (("norms", self._norms), ("losses", self._losses)):
+            history.load(state_dict[f"{name}.values"], state_dict[f"{name}.count"])
+        self.steps.copy_(state_dict["steps"])
+        self.skipped_steps.copy_(state_dict["skipped_steps"])
+        self.last_skipped_step.copy_(state_dict["last_skipped_step"])
