@@ -9,6 +9,10 @@ import math
 import torch
 
 
+def _is_positive_number(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
 class _History:
     """The last ``window`` finite values of one quantity (gradient norm or loss), in a float64 ring
     buffer on the device, and the count of values ever recorded. Every operation is a device op on
@@ -81,11 +85,16 @@ class SkipOnSpike:
             optimizer.zero_grad()
         print(int(skip.skipped_steps))  # reading it synchronises; recording never does
 
+    Megatron-LM's rule, ``grad_norm_skip_threshold``, is ``norm_threshold``: skip iff the norm is above
+    it (strict). It can be combined with the statistical rule or used alone (``sigma=None``).
+
     Args:
         window (int): how many recent values the mean and std are taken over. Default: 128
-        sigma (float): how many standard deviations above the mean a value must be to skip. Default: 6.0
+        sigma (float or None): how many standard deviations above the mean a value must be to skip;
+            None turns the statistical rule off. Default: 6.0
         min_history (int): the rule acts once this many values are held, counting the current one
             (OLMo-core: ``max(20, window // 2)``). Default: 64
+        norm_threshold (float, optional): also skip iff the norm is above this. Default: None
 
     Attributes:
         steps (Tensor): steps decided so far (0-dim int64, on the device).
@@ -93,15 +102,20 @@ class SkipOnSpike:
         last_skipped_step (Tensor): index (from 0) of the last skipped step, -1 if none.
     """
 
-    def __init__(self, window: int = 128, sigma: float = 6.0, min_history: int = 64):
+    def __init__(self, window: int = 128, sigma: float | None = 6.0, min_history: int = 64,
+                 norm_threshold: float | None = None):
         if isinstance(window, bool) or not isinstance(window, int) or window < 2:
             raise ValueError(f"window must be an int >= 2, got {window!r}")
         if isinstance(min_history, bool) or not isinstance(min_history, int) or not 3 <= min_history <= window + 1:
             # 3: the standard deviation needs two values held before the current one.
             raise ValueError(f"min_history must be an int in [3, window + 1] = [3, {window + 1}], got {min_history!r}")
-        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not (math.isfinite(sigma) and sigma > 0):
-            raise ValueError(f"sigma must be a finite number > 0, got {sigma!r}")
-        self.window, self.sigma, self.min_history = window, float(sigma), min_history
+        if sigma is not None and not _is_positive_number(sigma):
+            raise ValueError(f"sigma must be a finite number > 0 or None, got {sigma!r}")
+        if norm_threshold is not None and not _is_positive_number(norm_threshold):
+            raise ValueError(f"norm_threshold must be a finite number > 0 or None, got {norm_threshold!r}")
+        self.window, self.min_history = window, min_history
+        self.sigma = None if sigma is None else float(sigma)
+        self.norm_threshold = None if norm_threshold is None else float(norm_threshold)
         self._device = torch.device("cpu")
         self._allocate(self._device)
 
@@ -139,22 +153,32 @@ class SkipOnSpike:
             raise TypeError(f"loss must be a one-element tensor or None, got {loss!r}")
         self._follow(total_norm.device)
         norm = total_norm.detach().reshape(()).to(torch.float64)
-        skip = ~norm.isfinite() | self._norms.is_spike(norm, self.sigma, self.min_history)
+        skip = ~norm.isfinite()
+        if self.sigma is not None:
+            skip |= self._norms.is_spike(norm, self.sigma, self.min_history)
+        if self.norm_threshold is not None:
+            skip |= norm > self.norm_threshold
         self._norms.record(norm)
         if loss is not None:
             loss = loss.detach().reshape(()).to(self._device, torch.float64)
-            skip |= ~loss.isfinite() | self._losses.is_spike(loss, self.sigma, self.min_history)
+            skip |= ~loss.isfinite()
+            if self.sigma is not None:
+                skip |= self._losses.is_spike(loss, self.sigma, self.min_history)
             self._losses.record(loss)
         self.skipped_steps += skip.to(torch.int64)
         self.last_skipped_step.copy_(torch.where(skip, self.steps, self.last_skipped_step))
         self.steps += 1
         return skip
 
+    def _config(self) -> dict:
+        return {"window": self.window, "sigma": self.sigma, "min_history": self.min_history,
+                "norm_threshold": self.norm_threshold}
+
     def state_dict(self) -> dict:
         """The configuration and the device state (copies), for a checkpoint: a run resumed from it
         decides the next steps exactly as the uninterrupted run would."""
         return {
-            "window": self.window, "sigma": self.sigma, "min_history": self.min_history,
+            **self._config(),
             **{f"norms.{k}": v.clone() for k, v in self._norms.tensors().items()},
             **{f"losses.{k}": v.clone() for k, v in self._losses.tensors().items()},
             "steps": self.steps.clone(), "skipped_steps": self.skipped_steps.clone(),
@@ -167,7 +191,7 @@ class SkipOnSpike:
         Raises:
             ValueError: the configuration differs, or a key is missing (nothing is changed then).
         """
-        config = {"window": self.window, "sigma": self.sigma, "min_history": self.min_history}
+        config = self._config()
         missing = [k for k in self.state_dict() if k not in state_dict]
         if missing:
             raise ValueError(f"state_dict lacks {missing}")

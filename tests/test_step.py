@@ -74,6 +74,20 @@ def test_skip_decisions_match_the_reference_rule_for_other_settings(window, sigm
     assert got == reference_decisions(norms, window, sigma, min_history)
 
 
+def test_megatron_threshold_alone_and_with_the_statistical_rule():
+    """Megatron-LM's grad_norm_skip_threshold: skip iff norm > threshold (strict; fastclip also skips
+    non-finite norms, which Megatron's comparison lets through)."""
+    norms = norm_sequence()
+    norms[230] = 2.0  # equal to the threshold: proceeds
+    alone = fastclip.SkipOnSpike(sigma=None, norm_threshold=2.0)
+    assert [bool(alone.update(torch.tensor(n))) for n in norms] == [not n <= 2.0 for n in norms]
+    both = fastclip.SkipOnSpike(norm_threshold=2.0)
+    statistical = reference_decisions(norms, 128, 6.0, 64)
+    expected = [s or not n <= 2.0 for s, n in zip(statistical, norms)]
+    assert [bool(both.update(torch.tensor(n))) for n in norms] == expected
+    assert expected[40] and not statistical[40]  # the threshold acts before the statistical rule does
+
+
 def test_skip_state_dict_resumes_with_the_same_decisions():
     norms = norm_sequence()
     whole = fastclip.SkipOnSpike(window=32, min_history=16)
@@ -92,7 +106,8 @@ def test_skip_state_dict_resumes_with_the_same_decisions():
 
 def test_skip_refuses_bad_settings_and_foreign_state():
     for kwargs in ({"window": 1}, {"window": 8.0}, {"sigma": 0.0}, {"sigma": math.nan}, {"min_history": 2},
-                   {"window": 8, "min_history": 10}, {"sigma": True}):
+                   {"window": 8, "min_history": 10}, {"sigma": True}, {"norm_threshold": 0.0},
+                   {"norm_threshold": math.inf}):
         with pytest.raises(ValueError):
             fastclip.SkipOnSpike(**kwargs)
     skip = fastclip.SkipOnSpike(window=8, min_history=4)
