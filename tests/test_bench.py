@@ -81,8 +81,14 @@ def test_optim_step_gate_rejects_a_provider_that_does_not_clip(monkeypatch):
 
     def with_a_wrong_one(optimizer, params, skip):
         table = real(optimizer, params, skip)
-        table["steps without clipping"] = lambda max_norm, scaler: (
-            scaler.step(optimizer) if scaler is not None else optimizer.step())
+        def step_without_clipping(max_norm, scaler):
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+            scaler.step(optimizer) if scaler is not None else optimizer.step()
+            return norm
+
+        table["steps without clipping"] = step_without_clipping
         return table
 
     monkeypatch.setattr(optim_step, "providers", with_a_wrong_one)
