@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "cpu/clip_kernels.h"
+#include "cpu/value_clip_kernels.h"
 #include "op_helpers.h"
 
 namespace fastclip {
@@ -106,6 +107,12 @@ void scale_with_norm_cpu(at::TensorList grads, double max_norm, const at::Tensor
   if (coefficient != 1.0) kernel_tensors.write_back();
 }
 
+void clamp_values_cpu(at::TensorList grads, double clip_value) {
+  KernelTensors kernel_tensors(grads, at::kFloat);  // no coefficient: the type is not used
+  cpu::clamp_values(kernel_tensors.views.data(), kernel_tensors.views.size(), clip_value, aten_parallel_for());
+  kernel_tensors.write_back();
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fastclip, m) {
@@ -115,6 +122,8 @@ TORCH_LIBRARY(fastclip, m) {
   // clip_ that also returns each gradient's norm (float64, as torch's per-tensor norms, rounded to
   // the gradient's dtype): from the same pass, for monitoring.
   m.def("clip_with_tensor_norms_(Tensor(a!)[] grads, float max_norm, float norm_type) -> (Tensor, Tensor)");
+  // clip_grad_value_: every element clamped to [-clip_value, clip_value], in one pass.
+  m.def("clamp_values_(Tensor(a!)[] grads, float clip_value) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastclip, CPU, m) {
@@ -122,6 +131,7 @@ TORCH_LIBRARY_IMPL(fastclip, CPU, m) {
   m.impl("clip_", &clip_cpu);
   m.impl("scale_with_norm_", &scale_with_norm_cpu);
   m.impl("clip_with_tensor_norms_", &clip_with_tensor_norms_cpu);
+  m.impl("clamp_values_", &clamp_values_cpu);
 }
 
 }  // namespace fastclip

@@ -7,6 +7,8 @@ every argument has been checked.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from fastclip._dispatch import backend_status, select_backend
@@ -262,7 +264,11 @@ def clip_grad_value_(
     backend: str = "auto",
 ) -> None:
     r"""Clamp gradients in place to ``[-clip_value, clip_value]``: a drop-in for
-    :func:`torch.nn.utils.clip_grad_value_`.
+    :func:`torch.nn.utils.clip_grad_value_`, with torch's results bit for bit (clamping is exact).
+
+    torch clamps each dtype group twice (``clamp_min`` then ``clamp_max``: two reads and two writes of
+    every gradient). The ``"cpp"`` backend clamps every gradient of every dtype in one call: each
+    64K-element chunk is read once, and written only if it holds an element outside the interval.
 
     Args:
         parameters (Iterable[Tensor] or Tensor): tensors whose ``.grad`` will be clamped.
@@ -272,12 +278,21 @@ def clip_grad_value_(
 
     Returns:
         None
+
+    Raises:
+        RuntimeError: ``clip_value`` is finite but beyond a gradient dtype's range (torch raises the
+            same), before any gradient is clamped.
     """
     parameters = as_tensor_list(parameters, "parameters", warn_empty_generator=False)
     clip_value = parse_max_norm(clip_value, "clip_value")
     grads = grads_of(parameters)
     summary = summarize(grads)
     check_gradients(grads, summary, "parameters", written=True)
+    for dtype in summary.dtypes:
+        # torch raises this too, but only when it reaches that dtype's group, after clamping others.
+        if dtype.is_floating_point and math.isfinite(clip_value) and clip_value > torch.finfo(dtype).max:
+            raise RuntimeError(f"clip_value {clip_value} cannot be converted to {dtype} without overflow "
+                               "(as in torch); nothing was clamped")
     impl = select_backend(backend, grads, None, summary)
     if grads:
         impl.clip_grad_value_(grads, clip_value, foreach)

@@ -34,11 +34,12 @@ def _cases(device: str):
         (torch.ops.fastclip.total_norm.default, (tensors, 3.0, True)),
         (torch.ops.fastclip.clip_.default, (tensors, 0.1, 2.0, True)),
         (torch.ops.fastclip.clip_with_tensor_norms_.default, (tensors, 0.1, 2.0)),
+        (torch.ops.fastclip.clamp_values_.default, (tensors, 0.3)),
     ]
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", range(8))
+@pytest.mark.parametrize("case", range(9))
 def test_opcheck(device, case):
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device visible")

@@ -11,6 +11,7 @@
 #include <limits>
 #include <vector>
 
+#include "chunks.h"
 #include "float_convert.h"
 #include "simd.h"
 
@@ -176,12 +177,8 @@ inline void scale_span_in_double(void* data, int64_t n, double coefficient) {
   for (int64_t i = 0; i < n; ++i) x[i] = E::store(static_cast<typename E::Math>(static_cast<double>(E::load(x[i])) * coefficient));
 }
 
-size_t element_size(DType dtype) {
-  return dtype == DType::kFloat64 ? 8 : dtype == DType::kFloat32 ? 4 : 2;
-}
-
 void scale_elements(const TensorView& t, int64_t begin, int64_t n, double c) {
-  void* x = static_cast<char*>(t.data) + begin * static_cast<int64_t>(element_size(t.dtype));
+  void* x = element_address(t, begin);
   if (t.scale_in_double) {  // 0-dim tensors only: no need for a vectorised version
     switch (t.dtype) {
       case DType::kFloat32: return scale_span_in_double<simd::F32>(x, n, c);
@@ -233,37 +230,6 @@ double single_element_norm(const TensorView& t) {
     case DType::kBFloat16: return std::abs(bf16_to_float(static_cast<const uint16_t*>(t.data)[0]));
   }
   return 0.0;
-}
-
-struct Chunk {
-  int32_t tensor;
-  int64_t begin, end;
-};
-
-// Chunks of every tensor, in tensor order; first_chunk[t] .. first_chunk[t + 1] are tensor t's.
-std::vector<Chunk> make_chunks(const TensorView* tensors, int64_t count, std::vector<int64_t>& first_chunk) {
-  std::vector<Chunk> chunks;
-  first_chunk.assign(count + 1, 0);
-  for (int64_t t = 0; t < count; ++t) {
-    first_chunk[t] = static_cast<int64_t>(chunks.size());
-    for (int64_t begin = 0; begin < tensors[t].numel; begin += kChunkElements)
-      chunks.push_back({static_cast<int32_t>(t), begin, std::min(begin + kChunkElements, tensors[t].numel)});
-  }
-  first_chunk[count] = static_cast<int64_t>(chunks.size());
-  return chunks;
-}
-
-// Chunks per parallel task, so that a task has at least ~256K elements: small problems then run on
-// the calling thread, with no pool overhead.
-int64_t grain_in_chunks(const std::vector<Chunk>& chunks) {
-  int64_t elements = 0;
-  for (const Chunk& c : chunks) elements += c.end - c.begin;
-  if (elements == 0) return 1;
-  return std::max<int64_t>(1, (int64_t{1} << 18) * static_cast<int64_t>(chunks.size()) / elements);
-}
-
-char* element_address(const TensorView& t, int64_t index) {
-  return static_cast<char*>(t.data) + index * static_cast<int64_t>(element_size(t.dtype));
 }
 
 // A chunk's share of the overflow-safe norm: sum * (2^exponent)^p, where sum adds |x * 2^-exponent|^p

@@ -17,6 +17,7 @@
 #include "../cpu/clip_kernels.h"
 #include "../cpu/float_convert.h"
 #include "../cpu/simd.h"
+#include "../cpu/value_clip_kernels.h"
 
 using namespace fastclip;
 using namespace fastclip::cpu;
@@ -257,6 +258,73 @@ void test_inf_element_gives_inf() {
     CHECK(norm_of(&view, 1, norm, DType::kFloat32) == INFINITY, "norm kind %d", (int)norm.kind);
 }
 
+// clamp_values against a scalar reference written from torch's definition (clamp_min then clamp_max,
+// bounds converted double -> float -> 16-bit), in every variant and thread count, across chunk
+// boundaries and scalar tails; a chunk with nothing outside the interval is not written (a
+// signalling NaN's payload survives there), one with something outside is.
+void test_clamp_values_every_dtype_and_variant() {
+  std::mt19937 rng(2);
+  std::normal_distribution<float> normal;
+  const double clip = 0.3;  // not representable in any of the dtypes
+  const float lo = static_cast<float>(-clip), hi = static_cast<float>(clip);
+  const float lo16 = fp16_to_float(float_to_fp16(lo)), hi16 = fp16_to_float(float_to_fp16(hi));
+  const float lob = bf16_to_float(float_to_bf16(lo)), hib = bf16_to_float(float_to_bf16(hi));
+  const uint32_t signalling_nan = 0x7F800001u;
+  for (Isa isa : {simd::Isa::kGeneric, simd::Isa::kAvx2, simd::Isa::kAvx512}) {
+    for (int threads : {1, 3}) {
+      const Isa active = simd::set_active_isa_for_testing(isa);
+      std::vector<float> f32(kChunkElements + 1003), quiet(kChunkElements + 5, 0.1f);
+      std::vector<double> f64(70001);
+      std::vector<uint16_t> bf16(4099), f16(33);
+      for (auto& v : f32) v = normal(rng);
+      for (auto& v : f64) v = normal(rng);
+      for (auto& v : bf16) v = float_to_bf16(normal(rng));
+      for (auto& v : f16) v = float_to_fp16(normal(rng));
+      f32[7] = NAN, f32[kChunkElements + 1001] = -INFINITY, f64[3] = INFINITY;
+      std::memcpy(&quiet[100], &signalling_nan, 4);                 // chunk 0 of `quiet`: all inside
+      quiet[kChunkElements + 4] = 5.0f;                             // chunk 1: one outside
+      const std::vector<float> f32_in = f32;
+      const std::vector<double> f64_in = f64;
+      const std::vector<uint16_t> bf16_in = bf16, f16_in = f16;
+      TensorView views[] = {{f32.data(), (int64_t)f32.size(), DType::kFloat32},
+                            {f64.data(), (int64_t)f64.size(), DType::kFloat64},
+                            {bf16.data(), (int64_t)bf16.size(), DType::kBFloat16},
+                            {f16.data(), (int64_t)f16.size(), DType::kFloat16},
+                            {quiet.data(), (int64_t)quiet.size(), DType::kFloat32}};
+      clamp_values(views, 5, clip, threads_parallel_for(threads));
+      auto clamp = [](auto x, auto l, auto h) { x = x < l ? l : x; return x > h ? h : x; };
+      int wrong = 0;
+      for (size_t i = 0; i < f32.size(); ++i) {
+        const float e = clamp(f32_in[i], lo, hi);
+        wrong += !(f32[i] == e || (f32[i] != f32[i] && e != e));
+      }
+      for (size_t i = 0; i < f64.size(); ++i) wrong += f64[i] != clamp(f64_in[i], -clip, clip);
+      for (size_t i = 0; i < bf16.size(); ++i) wrong += bf16[i] != float_to_bf16(clamp(bf16_to_float(bf16_in[i]), lob, hib));
+      for (size_t i = 0; i < f16.size(); ++i) wrong += f16[i] != float_to_fp16(clamp(fp16_to_float(f16_in[i]), lo16, hi16));
+      uint32_t bits;
+      std::memcpy(&bits, &quiet[100], 4);
+      CHECK(wrong == 0 && f32[7] != f32[7] && f32[kChunkElements + 1001] == lo && f64[3] == clip,
+            "variant %s, %d threads: %d elements differ from the reference", simd::isa_name(active), threads, wrong);
+      CHECK(bits == signalling_nan && quiet[kChunkElements + 4] == hi && quiet[kChunkElements] == 0.1f,
+            "variant %s: a chunk inside the interval was rewritten, or one outside was not clamped",
+            simd::isa_name(active));
+    }
+  }
+  // A clip value of 0: the interval is [-0, +0]; a negative element becomes -0.0 (clamp_min) and
+  // stays so (clamp_max keeps -0.0, which is not above +0.0), as in torch.
+  for (Isa isa : {simd::Isa::kGeneric, simd::Isa::kAvx2, simd::Isa::kAvx512}) {
+    const Isa active = simd::set_active_isa_for_testing(isa);
+    std::vector<float> x(19);
+    for (size_t i = 0; i < x.size(); ++i) x[i] = i % 2 ? -0.5f : 0.5f;
+    const TensorView view{x.data(), (int64_t)x.size(), DType::kFloat32};
+    clamp_values(&view, 1, 0.0, serial);
+    bool ok = true;
+    for (size_t i = 0; i < x.size(); ++i) ok &= x[i] == 0.0f && std::signbit(x[i]) == (i % 2 == 1);
+    CHECK(ok, "variant %s: clamping to [-0, 0] lost the sign of zero", simd::isa_name(active));
+  }
+  simd::set_active_isa_for_testing(simd::Isa::kAvx512);
+}
+
 int main() {
   test_exact_l2_every_dtype_and_variant();
   test_variants_and_thread_counts_agree_bitwise();
@@ -267,6 +335,7 @@ int main() {
   test_clip_coefficient_roundings();
   test_overflow_safe_norm();
   test_inf_element_gives_inf();
+  test_clamp_values_every_dtype_and_variant();
   std::printf("%s (best variant on this CPU: %s)\n", failures == 0 ? "all CPU kernel tests passed" : "FAILURES",
               simd::isa_name(simd::set_active_isa_for_testing(simd::Isa::kAvx512)));
   return failures == 0 ? 0 : 1;

@@ -34,6 +34,10 @@ def _register_fake_kernels() -> None:
     def _(grads, max_norm, total_norm):
         return None
 
+    @torch.library.register_fake("fastclip::clamp_values_")
+    def _(grads, clip_value):
+        return None
+
 
 class CppBackend(Backend):
     """Fused multi-tensor kernels from the compiled extension."""
@@ -71,3 +75,9 @@ class CppBackend(Backend):
 
     def clip_grads_with_norm_(self, grads, max_norm, total_norm, foreach):
         torch.ops.fastclip.scale_with_norm_(grads, max_norm, total_norm.to(grads[0].device))
+
+    def clip_grad_value_(self, grads, clip_value, foreach):
+        if _extension.has_kernel("clamp_values_", _DISPATCH_KEYS[grads[0].device.type]):
+            torch.ops.fastclip.clamp_values_(grads, clip_value)
+        else:  # no CUDA value-clipping kernel yet: torch's foreach clamps
+            super().clip_grad_value_(grads, clip_value, foreach)

@@ -1,0 +1,49 @@
+// How fastclip's CPU kernels split a table of tensors into work: chunks of at most kChunkElements
+// elements of one tensor each, in tensor order, handed to the thread pool in tasks of several
+// chunks. Shared by every kernel family (clip_kernels.cpp, value_clip_kernels.cpp). No torch headers.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "clip_kernels.h"
+
+namespace fastclip::cpu {
+
+struct Chunk {
+  int32_t tensor;
+  int64_t begin, end;
+};
+
+inline size_t element_size(DType dtype) {
+  return dtype == DType::kFloat64 ? 8 : dtype == DType::kFloat32 ? 4 : 2;
+}
+
+inline char* element_address(const TensorView& t, int64_t index) {
+  return static_cast<char*>(t.data) + index * static_cast<int64_t>(element_size(t.dtype));
+}
+
+// Chunks of every tensor, in tensor order; first_chunk[t] .. first_chunk[t + 1] are tensor t's.
+inline std::vector<Chunk> make_chunks(const TensorView* tensors, int64_t count, std::vector<int64_t>& first_chunk) {
+  std::vector<Chunk> chunks;
+  first_chunk.assign(count + 1, 0);
+  for (int64_t t = 0; t < count; ++t) {
+    first_chunk[t] = static_cast<int64_t>(chunks.size());
+    for (int64_t begin = 0; begin < tensors[t].numel; begin += kChunkElements)
+      chunks.push_back({static_cast<int32_t>(t), begin, std::min(begin + kChunkElements, tensors[t].numel)});
+  }
+  first_chunk[count] = static_cast<int64_t>(chunks.size());
+  return chunks;
+}
+
+// Chunks per parallel task, so that a task has at least ~256K elements: small problems then run on
+// the calling thread, with no pool overhead.
+inline int64_t grain_in_chunks(const std::vector<Chunk>& chunks) {
+  int64_t elements = 0;
+  for (const Chunk& c : chunks) elements += c.end - c.begin;
+  if (elements == 0) return 1;
+  return std::max<int64_t>(1, (int64_t{1} << 18) * static_cast<int64_t>(chunks.size()) / elements);
+}
+
+}  // namespace fastclip::cpu

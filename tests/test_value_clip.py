@@ -1,0 +1,82 @@
+"""``clip_grad_value_``: every backend bit-identical to ``torch.nn.utils.clip_grad_value_`` (clamping is
+exact) on the layouts users hit, every float dtype alone and mixed, special values and bounds that no
+16-bit dtype can represent; out-of-range bounds refused before anything is clamped."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fastclip
+from harness import assert_same, build, poison
+from test_differential import DTYPE_CASES, SHAPE_CASES, _specs
+
+# 0.3 is representable in no dtype here (each rounds it its own way), 1e-30 is 0 in fp16 (so the
+# interval is [-0, 0]) but not in bf16, 65504 is fp16's largest finite value.
+CLIP_VALUES = [0.3, 1.0, 1e-30, 0.0, 65504.0, math.inf, torch.tensor(0.25)]
+
+
+def _both(specs, clip_value, backend, poisoned=()):
+    mine, _ = build(specs)
+    ref, _ = build(specs)
+    poison(mine, list(poisoned))
+    poison(ref, list(poisoned))
+    torch.nn.utils.clip_grad_value_(ref, clip_value)
+    assert fastclip.clip_grad_value_(mine, clip_value, backend=backend) is None
+    for i, (p, r) in enumerate(zip(mine, ref)):
+        if r.grad is not None:
+            assert_same(p.grad, r.grad, f"gradient {i}")
+    return mine
+
+
+@pytest.mark.parametrize("clip_value", CLIP_VALUES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPE_CASES)
+@pytest.mark.parametrize("case", SHAPE_CASES)
+def test_value_clipping_equals_torch(backend, case, dtype, clip_value):
+    _both(_specs(case, dtype), clip_value, backend)
+
+
+@pytest.mark.parametrize("dtype", DTYPE_CASES)
+def test_special_values_are_clamped_or_kept_as_torch_does(backend, dtype):
+    """inf and -inf clamp to the bounds, NaN stays NaN, in the scalar tail and in the vector body."""
+    specs = _specs("boundaries_65536", dtype)
+    where = [(0, 5, math.nan), (0, 65534, math.inf), (1, 0, -math.inf), (1, 65535, math.nan), (2, 65536, math.inf)]
+    mine = _both(specs, 0.3, backend, where)
+    assert mine[0].grad[5].isnan() and mine[1].grad[65535].isnan()
+
+
+def test_values_already_inside_are_left_alone(backend):
+    """A clip value above every gradient changes nothing (and the gradients equal torch's)."""
+    specs = _specs("boundaries_65536", "mixed")
+    mine = _both(specs, 1e4, backend)
+    expected, _ = build(specs)
+    for p, e in zip(mine, expected):
+        assert_same(p.grad, e.grad, "gradient")
+
+
+def test_a_bound_beyond_a_dtype_is_refused_before_anything_changes(backend):
+    """torch raises for a clip value fp16 cannot hold, after clamping the groups it reached first;
+    fastclip raises before clamping any."""
+    mine, _ = build(_specs("many_tensors", "mixed"))
+    before = [p.grad.clone() for p in mine]
+    with pytest.raises(RuntimeError, match="without overflow"):
+        fastclip.clip_grad_value_(mine, 1e5, backend=backend)
+    for p, b in zip(mine, before):
+        assert_same(p.grad, b, "gradient")
+    ref, _ = build(_specs("many_tensors", "mixed"))
+    with pytest.raises(RuntimeError, match="without overflow"):
+        torch.nn.utils.clip_grad_value_(ref, 1e5)
+
+
+def test_cpp_backend_clamps_in_one_kernel_call():
+    """All dtypes together: one call of the extension's op on CPU, torch's foreach clamps not at all."""
+    from conftest import require_backend
+
+    require_backend("cpp")
+    mine, _ = build(_specs("many_tensors", "mixed"))
+    with torch.autograd.profiler.profile() as profile:
+        fastclip.clip_grad_value_(mine, 0.3, backend="cpp")
+    clamps = [e.name for e in profile.function_events if "clamp" in e.name]
+    assert clamps == ["fastclip::clamp_values_"], clamps
