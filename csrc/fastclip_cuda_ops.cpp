@@ -1,4 +1,4 @@
-// Binds the CUDA kernels (cuda/clip_kernels.cu, torch-free) to torch.ops.fastclip.* for CUDA
+// Binds the CUDA kernels (cuda/clip_kernels.cu, cuda/value_clip_kernels.cu, torch-free) to torch.ops.fastclip.* for CUDA
 // tensors. Built only when torch has CUDA and nvcc is found (setup.py).
 //
 // The kernels read the gradients from a device-resident table. Building and uploading it costs a
@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "cuda/clip_kernels.h"
+#include "cuda/value_clip_kernels.h"
 #include "op_helpers.h"
 
 namespace fastclip {
@@ -215,6 +216,20 @@ void scale_with_norm_cuda(at::TensorList grads, double max_norm, const at::Tenso
   run(grads, Norm{NormKind::kL2, 2.0}, total.scalar_type(), max_norm, /*compute_norm=*/false, /*scale=*/true, &total);
 }
 
+// clip_grad_value_: one launch over the cached table (the same one the norm kernels use).
+void clamp_values_cuda(at::TensorList grads, double clip_value) {
+  TORCH_CHECK(!grads.empty(), "fastclip: clamp_values_ needs at least one gradient");
+  const at::Device device = grads[0].device();
+  TORCH_CHECK(device.is_cuda(), "fastclip: expected CUDA tensors, got one on ", device);
+  const c10::cuda::CUDAGuard guard(device);
+  const c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream(device.index());
+  CudaKernelTensors kernel_tensors(grads, at::kFloat);  // no coefficient: the scale modes are not read
+  const std::shared_ptr<const CachedTable> cached = table_cache().get(kernel_tensors.grads, device, current,
+                                                                      is_capturing(current.stream()));
+  C10_CUDA_CHECK(cuda::launch_clamp(cached->device.data_ptr(), cached->layout, clip_value, current.stream()));
+  kernel_tensors.write_back();
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastclip, CUDA, m) {
@@ -222,6 +237,7 @@ TORCH_LIBRARY_IMPL(fastclip, CUDA, m) {
   m.impl("clip_", &clip_cuda);
   m.impl("scale_with_norm_", &scale_with_norm_cuda);
   m.impl("clip_with_tensor_norms_", &clip_with_tensor_norms_cuda);
+  m.impl("clamp_values_", &clamp_values_cuda);
 }
 
 }  // namespace fastclip

@@ -115,3 +115,15 @@ def test_compiled_norm_then_scale_matches_eager(backend, max_norm):
     torch._dynamo.reset()
     _run_side_by_side(_Step(_norm_then_scale(backend, max_norm), compiled=True),
                       _Step(_norm_then_scale(backend, max_norm), compiled=False))
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])  # opaque ops: compiled must equal eager bit for bit
+def test_compiled_value_clipping_matches_eager(backend):
+    require_backend(backend)
+    torch._dynamo.reset()
+
+    def clip(params):
+        fastclip.clip_grad_value_(params, 0.05, backend=backend)
+        return torch.zeros(())
+
+    _run_side_by_side(_Step(clip, compiled=True), _Step(clip, compiled=False))

@@ -92,6 +92,7 @@ _COMPILE_SCRIPT = textwrap.dedent(
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     import fastclip.triton_kernels.clip as kernels
+    import fastclip.triton_kernels.value_clip as value_clip
 
     target = GPUTarget("cuda", int(sys.argv[1]), 32)
     norm_signature = {
@@ -120,6 +121,13 @@ _COMPILE_SCRIPT = textwrap.dedent(
         triton.compile(ASTSource(kernels._coefficient_kernel, coefficient_signature, {"TOTAL_DTYPE": tag}),
                        target=target)
         compiled += 2
+    # The value-clipping kernel, with its bounds' bits typed i64, or i32 (Triton's type for a small
+    # integer such as the bits of 0.0).
+    for bits in ("i64", "i32"):
+        clamp_signature = {"chunks_ptr": "*i64", "tensors_ptr": "*i64", "BLOCK": "constexpr",
+                           **dict.fromkeys(["hi_f32_bits", "hi_f16_bits", "hi_bf16_bits", "hi_f64_bits"], bits)}
+        triton.compile(ASTSource(value_clip._clamp_kernel, clamp_signature, {"BLOCK": 2048}), target=target)
+        compiled += 1
     print("compiled", compiled)
     """
 )
@@ -133,7 +141,8 @@ def test_kernels_compile_for_gpus(kernels, arch):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, str(arch)], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "compiled 30" in result.stdout  # 16 norm kernels, 6 of them overflow-safe, 4 scale, 4 coefficient
+    # 16 norm kernels, 6 of them overflow-safe, 4 scale, 4 coefficient, 2 value clipping
+    assert "compiled 32" in result.stdout
 
 
 _NOT_TUNED_SCRIPT = textwrap.dedent(

@@ -8,6 +8,7 @@
 // clip coefficient follows with torch's roundings. Phase 2 scales every chunk, unless the
 // coefficient is 1. The result never depends on the grid size, so it is bitwise reproducible.
 #include "clip_kernels.h"
+#include "element_types.cuh"
 
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
@@ -27,33 +28,6 @@ namespace cg = cooperative_groups;
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 constexpr int kMaxDevices = 64;
-
-// Element types: storage, arithmetic (torch's opmath: float, or double for fp64), accumulation
-// (fp32, or fp64 for fp64), and conversions that round like c10 on CUDA.
-struct F32 {
-  using Storage = float;
-  using Math = float;
-  __device__ static float load(float x) { return x; }
-  __device__ static float store(float v) { return v; }
-};
-struct F64 {
-  using Storage = double;
-  using Math = double;
-  __device__ static double load(double x) { return x; }
-  __device__ static double store(double v) { return v; }
-};
-struct F16 {
-  using Storage = __half;
-  using Math = float;
-  __device__ static float load(__half x) { return __half2float(x); }
-  __device__ static __half store(float v) { return __float2half_rn(v); }
-};
-struct BF16 {
-  using Storage = __nv_bfloat16;
-  using Math = float;
-  __device__ static float load(__nv_bfloat16 x) { return __bfloat162float(x); }
-  __device__ static __nv_bfloat16 store(float v) { return __float2bfloat16_rn(v); }
-};
 
 // The call's arguments and the table's arrays, passed to every kernel by value.
 struct Params {

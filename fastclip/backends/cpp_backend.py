@@ -77,7 +77,5 @@ class CppBackend(Backend):
         torch.ops.fastclip.scale_with_norm_(grads, max_norm, total_norm.to(grads[0].device))
 
     def clip_grad_value_(self, grads, clip_value, foreach):
-        if _extension.has_kernel("clamp_values_", _DISPATCH_KEYS[grads[0].device.type]):
-            torch.ops.fastclip.clamp_values_(grads, clip_value)
-        else:  # no CUDA value-clipping kernel yet: torch's foreach clamps
-            super().clip_grad_value_(grads, clip_value, foreach)
+        # Built wherever clip_ is (CPU and CUDA kernels of the same extension).
+        torch.ops.fastclip.clamp_values_(grads, clip_value)

@@ -18,8 +18,10 @@ import torch
 from fastclip._inputs import summarize
 from fastclip.backends.base import Backend, fused_kernel_refusal
 
-# The repository's triton_kernels/clip.py, installed inside fastclip's namespace (pyproject.toml).
+# The repository's triton_kernels/clip.py, installed inside fastclip's namespace (pyproject.toml);
+# the other kernel families import their shared pieces from it.
 KERNELS_MODULE = "fastclip.triton_kernels.clip"
+KERNEL_FAMILIES = (KERNELS_MODULE, "fastclip.triton_kernels.value_clip")
 
 
 @functools.cache
@@ -33,7 +35,8 @@ def _kernels_error() -> str | None:
     if not found:
         return "this installation of fastclip has no Triton kernels"
     try:
-        importlib.import_module(KERNELS_MODULE)  # registers torch.ops.fastclip_triton
+        for module in KERNEL_FAMILIES:
+            importlib.import_module(module)  # registers torch.ops.fastclip_triton
     except Exception as e:  # a Triton that cannot build for this machine, say
         return f"the Triton kernels failed to load: {e}"
     return None
@@ -96,3 +99,6 @@ class TritonBackend(Backend):
 
     def clip_grads_with_norm_(self, grads, max_norm, total_norm, foreach):
         torch.ops.fastclip_triton.scale_with_norm_(grads, max_norm, total_norm)
+
+    def clip_grad_value_(self, grads, clip_value, foreach):
+        torch.ops.fastclip_triton.clamp_values_(grads, clip_value)
