@@ -107,3 +107,29 @@ def test_optim_step_tiny_run_reports_every_provider_and_step_kind():
                  "clipped_step auto + skip"):
         assert text.count(f"| {name} | ") == 1
     assert text.count("of limit") == 5 * len(optim_step.STEP_KINDS)
+
+
+def test_value_clip_bench_gate_rejects_a_provider_that_is_not_torch(monkeypatch):
+    """bench/value_clip.py checks every provider against torch's bits before timing."""
+    from bench import value_clip
+
+    real = value_clip.providers
+
+    def with_a_wrong_one(device):
+        table = real(device)
+        table["clamps too much"] = lambda params, value: torch.nn.utils.clip_grad_value_(params, value / 2)
+        return table
+
+    monkeypatch.setattr(value_clip, "providers", with_a_wrong_one)
+    with pytest.raises(AssertionError, match="clamps too much, a third outside"):
+        value_clip.bench_workload(with_dtype([(300,), (40, 20)], torch.float32), "cpu", 1, run.Timer("cpu"),
+                                  _NoProgress())
+
+
+def test_value_clip_bench_tiny_run_reports_every_provider():
+    from bench import value_clip
+
+    result = value_clip.bench_workload(with_dtype([(300,), (40, 20)], torch.bfloat16), "cpu", 2, run.Timer("cpu"),
+                                       _NoProgress())
+    text = value_clip.markdown({"tiny": result})
+    assert text.count("| torch |") == 2 and text.count("| fastclip cpp |") == 2

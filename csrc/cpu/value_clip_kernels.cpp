@@ -1,6 +1,8 @@
 // CPU value clipping: see value_clip_kernels.h for the contract.
 #include "value_clip_kernels.h"
 
+#include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "chunks.h"
@@ -13,26 +15,20 @@ namespace {
 using simd::Isa;
 using simd::kLanes;
 
-// True if any of the n elements lies outside [lo, hi]. Reads only; lane masks are OR-ed and looked
-// at once at the end, so the loop has no branch per vector.
-template <Isa I, class E>
-inline bool any_outside(const typename E::Storage* x, int64_t n, typename E::Math lo, typename E::Math hi) {
-  using Vector = typename E::MathX8;
-  decltype(Vector{} < Vector{}) outside{};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    const Vector v = E::template load8<I>(x + i);
-    outside |= (v < lo) | (v > hi);
-  }
-  bool any = false;
-  for (int l = 0; l < kLanes; ++l) any |= outside[l] != 0;
-  for (; i < n; ++i) any |= E::load(x[i]) < lo || E::load(x[i]) > hi;
-  return any;
+// True if any lane of a comparison mask is set (one vptest on AVX2).
+template <class Mask>
+inline bool any_lane(Mask mask) {
+  typedef uint64_t u64x4 __attribute__((vector_size(32)));
+  u64x4 words[sizeof(Mask) / 32];
+  std::memcpy(words, &mask, sizeof mask);
+  u64x4 any = words[0];
+  for (size_t w = 1; w < sizeof(Mask) / 32; ++w) any |= words[w];
+  return (any[0] | any[1] | any[2] | any[3]) != 0;
 }
 
 // x = min(max(x, lo), hi) in torch's order and with its NaN rule (a comparison with NaN is false,
-// so NaN stays). Elements inside the interval store back unchanged: a 16-bit value converted to
-// float and back is itself (NaNs become the canonical NaN, as torch's vectorised clamp makes them).
+// so NaN stays), for fp32 and fp64, in one pass: each vector is read, and written back only if one
+// of its elements lies outside.
 template <Isa I, class E>
 inline void clamp_span(typename E::Storage* x, int64_t n, typename E::Math lo, typename E::Math hi) {
   using Vector = typename E::MathX8;
@@ -40,23 +36,57 @@ inline void clamp_span(typename E::Storage* x, int64_t n, typename E::Math lo, t
   for (int l = 0; l < kLanes; ++l) lo8[l] = lo, hi8[l] = hi;
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    Vector v = E::template load8<I>(x + i);
-    v = v < lo8 ? lo8 : v;
-    v = v > hi8 ? hi8 : v;
-    E::template store8<I>(x + i, v);
+    const Vector v = E::template load8<I>(x + i);
+    const auto below = v < lo8, above = v > hi8;
+    if (any_lane(below | above)) E::template store8<I>(x + i, below ? lo8 : above ? hi8 : v);
   }
   for (; i < n; ++i) {
-    typename E::Math v = E::load(x[i]);
-    v = v < lo ? lo : v;
-    v = v > hi ? hi : v;
-    x[i] = E::store(v);
+    const typename E::Math v = E::load(x[i]);
+    if (v < lo) x[i] = E::store(lo);
+    else if (v > hi) x[i] = E::store(hi);
+  }
+}
+
+// 16-bit dtypes work on the bits alone, with no conversion to float: the interval is symmetric
+// ([-h, h], h >= 0 exact in the dtype), so x lies outside iff its magnitude bits exceed h's and it
+// is not NaN (magnitude above infinity's), and the result is then h with x's sign. That is exactly
+// torch's clamp_min(-h) then clamp_max(h) (a NaN is left as it is, which torch's vectorised clamp
+// stores as the canonical NaN: NaN either way).
+// Sixteen 16-bit lanes: a whole AVX2 register (two SSE ones), as wide as the fp32 path's vectors.
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+constexpr int kLanes16 = 16;
+
+template <class E>
+struct Bits16 {
+  uint16_t h;         // the upper bound's bits
+  uint16_t infinity;  // +inf's bits: magnitudes above it are NaN
+};
+
+// One pass, as clamp_span.
+template <Isa I, class E>
+inline void clamp_span_16(uint16_t* x, int64_t n, Bits16<E> b) {
+  int64_t i = 0;
+  for (; i + kLanes16 <= n; i += kLanes16) {
+    const u16x16 bits = simd::load_vector<u16x16>(x + i);
+    const u16x16 magnitude = bits & UINT16_C(0x7FFF);
+    const u16x16 outside = (magnitude > b.h) & (magnitude <= b.infinity);
+    if (any_lane(outside)) simd::store_vector(x + i, outside ? u16x16((bits & UINT16_C(0x8000)) | b.h) : bits);
+  }
+  for (; i < n; ++i) {
+    const uint16_t magnitude = x[i] & 0x7FFF;
+    if (magnitude > b.h && magnitude <= b.infinity) x[i] = static_cast<uint16_t>((x[i] & 0x8000) | b.h);
   }
 }
 
 template <Isa I, class E>
 inline void clamp_chunk(void* data, int64_t n, typename E::Math lo, typename E::Math hi) {
-  auto* x = static_cast<typename E::Storage*>(data);
-  if (any_outside<I, E>(x, n, lo, hi)) clamp_span<I, E>(x, n, lo, hi);
+  if constexpr (sizeof(typename E::Storage) == 2) {
+    auto* x = static_cast<uint16_t*>(data);
+    const Bits16<E> b{E::store(hi), E::store(static_cast<float>(INFINITY))};
+    clamp_span_16<I, E>(x, n, b);
+  } else {
+    clamp_span<I, E>(static_cast<typename E::Storage*>(data), n, lo, hi);
+  }
 }
 
 // The bounds as ATen's clamp converts a Scalar holding a double: to the dtype's own type, through

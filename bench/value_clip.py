@@ -1,0 +1,123 @@
+"""Benchmark: value clipping (``clip_grad_value_``), torch against fastclip's backends, for a step where
+no element lies outside the interval and one where about a third do (gradients ~ N(0, 1e-3^2),
+clip value 1e-3).
+
+Every provider is first checked to give torch's gradients bit for bit. Runs are interleaved (the
+order rotates every round) after two warm-up rounds, gradients restored before each run outside the
+timed region; the table gives medians. The limit is this machine's streaming speed over the same
+bytes, timed in the same rounds: one read (a sum) where nothing is outside, one read plus an in-place
+write where elements are.
+
+Usage: python -m bench.value_clip [--repeats N] [--device D] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import re
+import statistics
+
+import torch
+from tqdm import tqdm
+
+import fastclip
+from bench.run import WARMUP_ROUNDS, Timer, device_description, parameters_for
+from bench.workloads import MIB, gpt2_shapes, llama_shapes, make_grads, with_dtype
+
+STEPS = {"none outside": 1e4, "a third outside": 1e-3}
+LIMITS = {"none outside": "one read", "a third outside": "read + write"}
+WORKLOADS = {
+    "gpt2-124m fp32": with_dtype(gpt2_shapes(), torch.float32),
+    "llama-style 4 layers bf16": with_dtype(llama_shapes(n_layer=4, dim=1024, n_heads=16, n_kv_heads=4, ffn_dim=2816,
+                                                         vocab=32000), torch.bfloat16),
+    "2000 x 8K fp32": with_dtype([(8192,)] * 2000, torch.float32),
+}
+
+
+def providers(device: str) -> dict:
+    table = {"torch": lambda params, value: torch.nn.utils.clip_grad_value_(params, value)}
+    for name in fastclip.available_backends(device):
+        table[f"fastclip {name}"] = lambda params, value, name=name: fastclip.clip_grad_value_(params, value,
+                                                                                               backend=name)
+    return table
+
+
+def bench_workload(spec, device: str, repeats: int, timer: Timer, progress) -> dict:
+    grads = make_grads(spec, device)
+    params = parameters_for(grads)
+    pristine = [g.clone() for g in grads]
+    table = providers(device)
+    for step, value in STEPS.items():  # the correctness gate: torch's bits, before any timing
+        torch._foreach_copy_(grads, pristine)
+        table["torch"](params, value)
+        expected = [g.clone() for g in grads]
+        for name, fn in table.items():
+            torch._foreach_copy_(grads, pristine)
+            fn(params, value)
+            assert all(torch.equal(g, e) for g, e in zip(grads, expected)), f"{name}, {step}: not torch's gradients"
+    nbytes = sum(g.numel() * g.element_size() for g in grads)
+    flat = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    limits = {"one read": lambda: flat.sum(), "read + write": lambda: flat.mul_(1.0)}
+    samples: dict[tuple[str, str], list[float]] = {}
+    names = list(table) + list(limits)
+    for round_index in range(repeats + WARMUP_ROUNDS):
+        order = names[round_index % len(names):] + names[: round_index % len(names)]
+        for name in order:
+            for step, value in STEPS.items():
+                if name in limits:
+                    if LIMITS[step] != name:
+                        continue
+                    seconds = timer(limits[name])
+                else:
+                    torch._foreach_copy_(grads, pristine)
+                    seconds = timer(lambda: table[name](params, value))
+                if round_index >= WARMUP_ROUNDS:
+                    samples.setdefault((name, step), []).append(seconds)
+        progress.update(1)
+    return {"medians": {k: statistics.median(v) for k, v in samples.items()}, "providers": list(table),
+            "nbytes": nbytes, "count": len(grads)}
+
+
+def markdown(results: dict[str, dict]) -> str:
+    lines = ["| workload | step | provider | ms | x torch | % of limit |", "|---|---|---|---|---|---|"]
+    for workload, r in results.items():
+        m = r["medians"]
+        for step in STEPS:
+            limit, base = m[(LIMITS[step], step)], m[("torch", step)]
+            for name in r["providers"]:
+                t = m[(name, step)]
+                lines.append(f"| {workload} ({r['count']} tensors, {r['nbytes'] / MIB:.0f} MiB) | {step} | {name} | "
+                             f"{t * 1e3:.2f} | {base / t:.2f} | {limit / t:.0%} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=9, help="timed rounds (default 9)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default="bench/results", help="directory for the markdown")
+    args = parser.parse_args()
+    machine = device_description(args.device)
+    header = (f"# fastclip value-clipping benchmark\n\n{machine}; torch {torch.__version__}; "
+              f"{datetime.date.today().isoformat()}; medians of {args.repeats} interleaved rounds\n\n")
+    print(header, flush=True)
+    timer = Timer(args.device)
+    results = {}
+    with tqdm(total=len(WORKLOADS) * (args.repeats + WARMUP_ROUNDS), desc="value clip", unit="round",
+              disable=None) as progress:
+        for name, spec in WORKLOADS.items():
+            results[name] = bench_workload(spec, args.device, args.repeats, timer, progress)
+    text = header + markdown(results)
+    print(text[len(header):], flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    slug = re.sub(r"[^a-z0-9]+", "-", f"value-clip-{machine.split(',')[0]}-{datetime.date.today()}".lower()).strip("-")
+    path = os.path.join(args.out, f"{slug}.md")
+    with open(path, "w") as f:
+        f.write(text)
+    print(f"written: {path}")
+
+
+if __name__ == "__main__":
+    main()
