@@ -11,6 +11,7 @@ from fastclip.api import (
     clip_with_tensor_norms_,
     get_total_norm,
 )
+from fastclip.adaptive import QuantileClip, RunningAverageClip, ZClip
 from fastclip.amp import unscale_clip_
 from fastclip.skip import SkipOnSpike
 from fastclip.step import clipped_step
@@ -21,7 +22,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ClipMonitor",
+    "QuantileClip",
+    "RunningAverageClip",
     "SkipOnSpike",
+    "ZClip",
     "available_backends",
     "clip_",
     "clip_grad_value_",

@@ -1,0 +1,219 @@
+"""Adaptive thresholds (``fastclip.adaptive``) against references written from their definitions
+(../shared/CLIPPING-METHODS.md) on host floats, over a recorded run of synthetic gradients with
+spikes: the same coefficient every step and the same clipped gradients. The references take the
+norm fastclip computed (so both see the same input; fastclip's norm itself is tested elsewhere) and
+scale the gradients as the originals do (``grad.mul_(python float)``).
+
+Exactness: fastclip's state is float64 on the device and every operation is the one the reference
+does in Python floats (IEEE doubles), in the same order (sums included: a CPU cumsum is sequential),
+so coefficients and gradients are asserted bit-identical on CPU.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import math
+
+import pytest
+import torch
+
+import fastclip
+from fastclip.adaptive import QuantileClip, RunningAverageClip, ZClip
+from test_step import _NoHostReads
+
+SHAPES = [(32, 16), (16,), (8, 32)]
+
+
+class RunningAverageReference:
+    """The seed tutorial's reading of Pascanu et al. 2013."""
+
+    def __init__(self, alpha=0.95, multiplier=3.0):
+        self.alpha, self.multiplier, self.ema = alpha, multiplier, None
+
+    def coefficient(self, n: float) -> float:
+        self.ema = n if self.ema is None else self.alpha * self.ema + (1 - self.alpha) * n
+        threshold = self.multiplier * self.ema
+        return threshold / n if n > threshold else 1.0
+
+
+class ZClipReference:
+    """zclip 1.0.0's ZClip.step with mode 'zscore', the norm given instead of computed."""
+
+    def __init__(self, alpha=0.97, z_thresh=2.5, max_grad_norm=1.0, eps=1e-6, warmup_steps=25,
+                 clip_option="adaptive_scaling", clip_factor=1.0, skip_update_on_spike=False):
+        self.alpha, self.z_thresh, self.max_grad_norm, self.eps = alpha, z_thresh, max_grad_norm, eps
+        self.warmup_steps, self.clip_option, self.clip_factor = warmup_steps, clip_option, clip_factor
+        self.skip_update_on_spike = skip_update_on_spike
+        self.buffer, self.initialized, self.mean, self.var = [], False, None, None
+
+    def coefficient(self, n: float) -> float:
+        if not self.initialized:
+            self.buffer.append(n)
+            if len(self.buffer) >= self.warmup_steps:
+                self.mean = sum(self.buffer) / len(self.buffer)
+                self.var = sum((x - self.mean) ** 2 for x in self.buffer) / len(self.buffer)
+                self.initialized, self.buffer = True, []
+            # torch.nn.utils.clip_grad_norm_(params, max_grad_norm): its coefficient from this norm
+            return min(1.0, self.max_grad_norm * (1.0 / (n + 1e-6))) if self.max_grad_norm is not None else 1.0
+        std = self.var ** 0.5
+        z = (n - self.mean) / (std + self.eps)
+        clip_val = None
+        if z > self.z_thresh:
+            if self.clip_option == "adaptive_scaling":
+                clip_val = (self.mean + (self.z_thresh * std) / (z / self.z_thresh)) * self.clip_factor
+            else:
+                clip_val = self.mean
+        adaptive = clip_val if clip_val is not None else n
+        effective = min(adaptive, self.max_grad_norm) if self.max_grad_norm is not None else adaptive
+        coefficient = effective / (n + 1e-6) if n > effective else 1.0
+        if not (clip_val is not None and self.skip_update_on_spike):
+            x = clip_val if clip_val is not None else n
+            self.mean = self.alpha * self.mean + (1 - self.alpha) * x
+            self.var = self.alpha * self.var + (1 - self.alpha) * (x - self.mean) ** 2
+        return coefficient
+
+
+class QuantileReference:
+    """autoclip 0.2.1's QuantileClip with global_threshold=True (include_current=False), or the
+    paper's rule (include_current=True): torch.quantile of the history, clip_grad_norm_ at it."""
+
+    def __init__(self, quantile=0.9, history=1000, include_current=False):
+        self.quantile, self.include_current = quantile, include_current
+        self.history = collections.deque(maxlen=history)
+
+    def coefficient(self, n: float) -> float:
+        if self.include_current:
+            self.history.append(n)
+        coefficient = 1.0
+        if self.history:
+            threshold = float(torch.quantile(torch.tensor(list(self.history), dtype=torch.float64), self.quantile))
+            coefficient = float((torch.tensor(threshold, dtype=torch.float64) / (n + 1e-6)).clamp(max=1.0))
+        if not self.include_current:
+            self.history.append(n)
+        return coefficient
+
+
+def recorded_run(steps: int, seed: int = 0, spikes=None):
+    """Per step, gradients ~ N(0, 1) scaled so the norm drifts around 0.6 (below ZClip's default cap
+    of 1), with spikes (multipliers) at given steps."""
+    g = torch.Generator().manual_seed(seed)
+    spikes = {30: 8.0, 31: 6.0, 45: 20.0, 70: 4.0} if spikes is None else spikes
+    run = []
+    for step in range(steps):
+        level = 0.6 * (1 + 0.1 * math.sin(step / 5)) * spikes.get(step, 1.0)
+        grads = [torch.randn(s, generator=g) for s in SHAPES]
+        total = math.sqrt(sum(float(x.double().square().sum()) for x in grads))
+        run.append([x * (level / total) for x in grads])
+    return run
+
+
+def params_with(grads):
+    params = [torch.nn.Parameter(torch.zeros(g.shape)) for g in grads]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    return params
+
+
+CASES = {
+    "running average": (lambda: RunningAverageClip(), RunningAverageReference),
+    "running average, alpha 0.9 x2": (lambda: RunningAverageClip(alpha=0.9, multiplier=2.0),
+                                      lambda: RunningAverageReference(0.9, 2.0)),
+    "zclip": (lambda: ZClip(), ZClipReference),
+    "zclip, no cap, warm-up 10": (lambda: ZClip(max_grad_norm=None, warmup_steps=10),
+                                  lambda: ZClipReference(max_grad_norm=None, warmup_steps=10)),
+    "zclip, mean, skip update": (lambda: ZClip(clip_option="mean", skip_update_on_spike=True, max_grad_norm=None,
+                                               warmup_steps=10),
+                                 lambda: ZClipReference(clip_option="mean", skip_update_on_spike=True,
+                                                        max_grad_norm=None, warmup_steps=10)),
+    "zclip, z 2, factor 0.7": (lambda: ZClip(z_thresh=2.0, clip_factor=0.7, max_grad_norm=3.0, warmup_steps=10),
+                               lambda: ZClipReference(z_thresh=2.0, clip_factor=0.7, max_grad_norm=3.0,
+                                                      warmup_steps=10)),
+    "autoclip": (lambda: QuantileClip(), QuantileReference),
+    "autoclip, paper": (lambda: QuantileClip(quantile=0.1, include_current=True),
+                        lambda: QuantileReference(quantile=0.1, include_current=True)),
+    "autoclip, short history": (lambda: QuantileClip(quantile=0.5, history=7),
+                                lambda: QuantileReference(quantile=0.5, history=7)),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_matches_its_reference_on_a_recorded_run(case, backend):
+    make, make_reference = CASES[case]
+    clipper, reference = make(), make_reference()
+    clipped_steps = 0
+    for step, grads in enumerate(recorded_run(90)):
+        params = params_with(grads)
+        norm = clipper.clip_(params)
+        expected = reference.coefficient(float(norm))
+        assert float(clipper.last_coefficient) == expected, f"step {step}"
+        for p, g in zip(params, grads):
+            assert torch.equal(p.grad, g.clone().mul_(expected)), f"step {step}"
+        clipped_steps += expected < 1.0
+    assert 3 <= clipped_steps < 90, clipped_steps  # the run exercises both branches
+
+
+@pytest.mark.parametrize("case", ["running average", "zclip", "autoclip, short history"])
+def test_state_dict_resumes_with_the_same_coefficients(case):
+    make, _ = CASES[case]
+    run = recorded_run(60)
+    whole, first = make(), make()
+    coefficients = []
+    for grads in run:
+        whole.clip_(params_with(grads))
+        coefficients.append(float(whole.last_coefficient))
+    for grads in run[:33]:
+        first.clip_(params_with(grads))
+    resumed = make()
+    resumed.load_state_dict(copy.deepcopy(first.state_dict()))
+    for grads, expected in zip(run[33:], coefficients[33:]):
+        resumed.clip_(params_with(grads))
+        assert float(resumed.last_coefficient) == expected
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_step_reads_nothing_on_the_host(case):
+    make, _ = CASES[case]
+    clipper = make()
+    for grads in recorded_run(40):
+        params = params_with(grads)
+        with _NoHostReads():
+            clipper.clip_(params)
+
+
+def test_bad_settings_and_foreign_state_are_refused():
+    for build in (lambda: RunningAverageClip(alpha=1.0), lambda: RunningAverageClip(multiplier=0),
+                  lambda: RunningAverageClip(eps=-1.0), lambda: ZClip(warmup_steps=0), lambda: ZClip(z_thresh=-1),
+                  lambda: ZClip(clip_option="median"), lambda: ZClip(max_grad_norm=math.nan),
+                  lambda: QuantileClip(quantile=1.0), lambda: QuantileClip(history=0)):
+        with pytest.raises(ValueError):
+            build()
+    clipper = ZClip(warmup_steps=5)
+    clipper.clip_(params_with(recorded_run(1)[0]))
+    before = copy.deepcopy(clipper.state_dict())
+    with pytest.raises(ValueError, match="warmup_steps"):
+        clipper.load_state_dict(ZClip(warmup_steps=6).state_dict())
+    with pytest.raises(ValueError, match="lacks"):
+        clipper.load_state_dict({"alpha": 0.97})
+    after = clipper.state_dict()
+    assert all(torch.equal(after[k], v) if isinstance(v, torch.Tensor) else after[k] == v for k, v in before.items())
+
+
+@pytest.mark.parametrize("case", ["running average", "zclip", "autoclip"])
+def test_compiled_step_matches_eager(case):
+    """torch.compile(fullgraph=True) of a step that clips adaptively: the same coefficients and
+    gradients as eager (the norm comes from the same fused op; the threshold arithmetic is float64
+    elementwise, which Inductor does not reorder)."""
+    from conftest import require_backend
+
+    require_backend("cpp")
+    torch._dynamo.reset()
+    make, _ = CASES[case]
+    eager, compiled_clipper = make(), make()
+    compiled = torch.compile(lambda params: compiled_clipper.clip_(params), fullgraph=True)
+    for grads in recorded_run(35):
+        p_eager, p_compiled = params_with(grads), params_with(grads)
+        eager.clip_(p_eager)
+        compiled(p_compiled)
+        assert float(eager.last_coefficient) == float(compiled_clipper.last_coefficient)
+        assert all(torch.equal(a.grad, b.grad) for a, b in zip(p_eager, p_compiled))
