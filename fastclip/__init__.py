@@ -11,7 +11,7 @@ from fastclip.api import (
     clip_with_tensor_norms_,
     get_total_norm,
 )
-from fastclip.adaptive import QuantileClip, RunningAverageClip, ZClip
+from fastclip.adaptive import AdaGC, QuantileClip, RunningAverageClip, ZClip
 from fastclip.amp import unscale_clip_
 from fastclip.skip import SkipOnSpike
 from fastclip.step import clipped_step
@@ -21,6 +21,7 @@ from fastclip.patch import patch_torch
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaGC",
     "ClipMonitor",
     "QuantileClip",
     "RunningAverageClip",

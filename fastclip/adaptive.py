@@ -3,12 +3,13 @@ from the history of gradient norms by tensor operations, so a step never waits f
 
 Each class follows one reference implementation (``../shared/CLIPPING-METHODS.md`` gives their exact
 semantics and where sources disagree): :class:`RunningAverageClip` (Pascanu et al. 2013, as the
-seed tutorial implements it), :class:`ZClip` (bluorion-com/ZClip, PyPI ``zclip`` 1.0.0) and
-:class:`QuantileClip` (AutoClip; PyPI ``autoclip`` 0.2.1 and the paper). Every one computes the global
-L2 norm with fastclip's fused kernel (one read), its threshold and coefficient in float64 on the
-device, and multiplies the gradients by the coefficient (``torch._foreach_mul_`` per device and
-dtype: a read and a write even on steps that do not clip, which a fused kernel would skip; not yet
-done). ``state_dict()``/``load_state_dict()`` round-trip mid-run.
+seed tutorial implements it), :class:`ZClip` (bluorion-com/ZClip, PyPI ``zclip`` 1.0.0),
+:class:`QuantileClip` (AutoClip; PyPI ``autoclip`` 0.2.1 and the paper) and :class:`AdaGC` (per-tensor
+thresholds; pytorch_optimizer 4.1.0). Every one computes the L2 norm (AdaGC: also each gradient's)
+with fastclip's fused kernel (one read), its threshold and coefficient in float64 on the device, and
+multiplies the gradients by the coefficient (``torch._foreach_mul_`` per device and dtype, AdaGC one
+``mul_`` per gradient: a read and a write even on steps that do not clip, which a fused kernel would
+skip; not yet done). ``state_dict()``/``load_state_dict()`` round-trip mid-run.
 """
 
 from __future__ import annotations
@@ -301,3 +302,112 @@ class QuantileClip(_AdaptiveClip):
         if not self.include_current:
             self._record(norm)
         return (threshold / (norm + 1e-6)).clamp(max=1.0)
+
+
+class AdaGC(_AdaptiveClip):
+    r"""AdaGC (arXiv 2502.11034), as pytorch_optimizer 4.1.0 defines it, as a clipper: each gradient
+    keeps its own threshold ``gamma``, an EMA of its clipped norms.
+
+    Warm-up (steps 1 .. ``warmup_steps - 1``): every gradient is scaled by ``min(1, lambda_abs /
+    (N + eps))``, with N the global norm, and ``gamma`` is the smallest of its clipped norms so far.
+    Then each gradient is scaled by ``h = min(1, lambda_rel * max(gamma, eps) / max(||g||, eps))`` and
+    ``gamma = beta * gamma + (1 - beta) * ||h g||``. Two choices differ from the reference, both
+    within rounding: the arithmetic is float64 (the reference's is the gradients' dtype), and
+    ``||h g||`` is taken as ``h * ||g||`` rather than by reading the scaled gradient again. The
+    authors' Megatron patch differs more (``1.04 / 0.99``, warm-up through step 100, eps 1e-6, the
+    threshold fed to the EMA): pass those values to approach it.
+
+    Args:
+        lambda_rel (float): relative threshold. Default: 1.05
+        beta (float): EMA weight of the past. Default: 0.98
+        lambda_abs (float): the global-norm threshold of the warm-up. Default: 1.0
+        warmup_steps (int): the warm-up runs while the step (from 1) is below it. Default: 100
+        eps (float): floor of the norms in the ratio. Default: 1e-8
+        backend (str): as in :func:`fastclip.clip_`, for the norms. Default: ``"auto"``
+    """
+
+    _STATE = ("steps", "gamma")
+
+    def __init__(self, lambda_rel: float = 1.05, beta: float = 0.98, lambda_abs: float = 1.0, warmup_steps: int = 100,
+                 eps: float = 1e-8, backend: str = "auto"):
+        self.lambda_rel = _positive(lambda_rel, "lambda_rel")
+        self.beta = _positive(beta, "beta", upper=1.0)
+        self.lambda_abs = _positive(lambda_abs, "lambda_abs")
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
+            raise ValueError(f"warmup_steps must be an int >= 1, got {warmup_steps!r}")
+        self.warmup_steps = warmup_steps
+        self.eps = _positive(eps, "eps")
+        self.num_tensors: int | None = None  # fixed by the first step: gamma has one entry per gradient
+        super().__init__(backend)
+
+    def _allocate(self, device):
+        self.steps = torch.zeros(_SCALAR, dtype=torch.int64, device=device)
+        self.gamma = torch.zeros(self.num_tensors or 0, dtype=torch.float64, device=device)
+
+    def _config(self):
+        return {"lambda_rel": self.lambda_rel, "beta": self.beta, "lambda_abs": self.lambda_abs,
+                "warmup_steps": self.warmup_steps, "eps": self.eps, "num_tensors": self.num_tensors}
+
+    @torch.no_grad()
+    def clip_(self, parameters: TensorOrTensors) -> torch.Tensor:
+        """Clip each gradient of ``parameters`` in place by its own adaptive threshold.
+
+        Args:
+            parameters (Iterable[Tensor] or Tensor): tensors whose ``.grad`` will be clipped, the same
+                ones, in the same order, every step.
+
+        Returns:
+            Total L2 norm of the gradients before clipping.
+
+        Raises:
+            ValueError: a different number of gradients than on the first step.
+        """
+        parameters = as_tensor_list(parameters, "parameters", warn_empty_generator=True)
+        grads = grads_of(parameters)
+        if not grads:
+            return torch.tensor(0.0)
+        if self.num_tensors is None:
+            self.num_tensors = len(grads)
+            self._allocate(self._device)
+        elif len(grads) != self.num_tensors:
+            raise ValueError(f"AdaGC keeps one threshold per gradient: {self.num_tensors} on its first step, "
+                             f"{len(grads)} now")
+        # One fused read for the total and every gradient's norm; an infinite max_norm writes nothing.
+        total, norms = api.clip_with_tensor_norms_(parameters, math.inf, 2.0, backend=self.backend)
+        self._follow(total.device)
+        coefficients = self._coefficients(total.detach().to(torch.float64), norms.to(self._device))
+        for g, h in zip(grads, coefficients.unbind()):
+            g.mul_(h)
+        self.last_coefficient = coefficients
+        return total
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As for every clipper; a new AdaGC takes the number of gradients from the state.
+
+        Raises:
+            ValueError: a different configuration or number of gradients, or a missing key
+                (nothing changes then).
+        """
+        count = state_dict.get("num_tensors")
+        if self.num_tensors is None and count is not None:
+            # Checked on a new AdaGC of that size first, so that a refused state changes nothing here.
+            candidate = AdaGC(self.lambda_rel, self.beta, self.lambda_abs, self.warmup_steps, self.eps, self.backend)
+            candidate.num_tensors = count
+            candidate._allocate(self._device)
+            candidate.load_state_dict(state_dict)
+            self.num_tensors = count
+            self._allocate(self._device)
+        super().load_state_dict(state_dict)
+
+    def _coefficients(self, total, norms):
+        step = self.steps + 1  # this step, counted from 1 as the reference counts it
+        warming_up = step < self.warmup_steps
+        warmup_h = (self.lambda_abs / (total + self.eps)).clamp(max=1.0).expand_as(norms)
+        relative_h = (self.lambda_rel * self.gamma.clamp(min=self.eps) / norms.clamp(min=self.eps)).clamp(max=1.0)
+        h = torch.where(warming_up, warmup_h, relative_h)
+        clipped = h * norms
+        warmup_gamma = torch.where(step == 1, clipped, torch.minimum(self.gamma, clipped))
+        ema_gamma = self.beta * self.gamma + (1 - self.beta) * clipped
+        self.gamma.copy_(torch.where(warming_up, warmup_gamma, ema_gamma))
+        self.steps += 1
+        return h

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import fastclip
-from fastclip.adaptive import QuantileClip, RunningAverageClip, ZClip
+from fastclip.adaptive import AdaGC, QuantileClip, RunningAverageClip, ZClip
 from test_step import _NoHostReads
 
 SHAPES = [(32, 16), (16,), (8, 32)]
@@ -92,6 +92,33 @@ class QuantileReference:
         if not self.include_current:
             self.history.append(n)
         return coefficient
+
+
+class AdaGCReference:
+    """pytorch_optimizer 4.1.0's AdaGC clipping, in the gradients' dtype (fp32) as it computes: warm-up
+    while step < warmup_steps (global-norm clipping at lambda_abs, gamma the running minimum of the
+    clipped norms), then h = min(lambda_rel * max(gamma, eps) / max(||g||, eps), 1) and
+    gamma = beta * gamma + (1 - beta) * ||h g||, the clipped gradient's norm read again."""
+
+    def __init__(self, lambda_rel=1.05, beta=0.98, lambda_abs=1.0, warmup_steps=100, eps=1e-8):
+        self.lambda_rel, self.beta, self.lambda_abs, self.warmup_steps, self.eps = (lambda_rel, beta, lambda_abs,
+                                                                                    warmup_steps, eps)
+        self.step, self.gamma = 0, None
+
+    def clip_(self, grads: list[torch.Tensor]) -> None:
+        self.step += 1
+        if self.gamma is None:
+            self.gamma = [torch.empty((1,)) for _ in grads]
+        if self.step < self.warmup_steps:
+            global_norm = torch.sqrt(sum(torch.linalg.norm(g).pow(2) for g in grads)) + self.eps
+            for g, gamma in zip(grads, self.gamma):
+                g.mul_(torch.clamp(self.lambda_abs / global_norm, max=1.0))
+                gamma.copy_(g.norm() if self.step == 1 else torch.minimum(gamma, g.norm()))
+        else:
+            for g, gamma in zip(grads, self.gamma):
+                h = torch.clamp(self.lambda_rel * gamma.clamp(min=self.eps) / g.norm().clamp(min=self.eps), max=1.0)
+                g.mul_(h)
+                gamma.mul_(self.beta).add_(g.norm(), alpha=1.0 - self.beta)
 
 
 def recorded_run(steps: int, seed: int = 0, spikes=None):
@@ -216,4 +243,71 @@ def test_compiled_step_matches_eager(case):
         eager.clip_(p_eager)
         compiled(p_compiled)
         assert float(eager.last_coefficient) == float(compiled_clipper.last_coefficient)
+        assert all(torch.equal(a.grad, b.grad) for a, b in zip(p_eager, p_compiled))
+
+
+@pytest.mark.parametrize("warmup_steps", [100, 20])
+def test_adagc_matches_its_reference_within_float32_rounding(warmup_steps, backend):
+    """The reference computes in float32 and reads each clipped gradient's norm again; fastclip
+    computes in float64 and takes ||h g|| as h ||g||. Each step's arithmetic differs by a few float32
+    roundings (~1e-7 relative); gamma is an average (beta 0.98) of such values, so the difference
+    does not grow: 1e-5 relative bounds it with a margin, while a wrong rule (a missed clip, the
+    wrong warm-up or EMA) is off by percents."""
+    clipper, reference = AdaGC(warmup_steps=warmup_steps), AdaGCReference(warmup_steps=warmup_steps)
+    run = recorded_run(110, spikes={30: 8.0, 45: 20.0, 70: 4.0, 104: 10.0})
+    clipped = 0
+    for step, grads in enumerate(run):
+        params = params_with(grads)
+        expected = [g.clone() for g in grads]
+        clipper.clip_(params)
+        reference.clip_(expected)
+        for p, e in zip(params, expected):
+            torch.testing.assert_close(p.grad, e, rtol=1e-5, atol=0, msg=lambda m: f"step {step}: {m}")
+        clipped += bool((clipper.last_coefficient < 1).any())
+    for gamma, expected in zip(clipper.gamma.tolist(), reference.gamma):
+        assert gamma == pytest.approx(float(expected), rel=1e-5)
+    assert clipped >= 4
+
+
+def test_adagc_state_dict_and_refusals():
+    run = recorded_run(40)
+    whole, first = AdaGC(warmup_steps=10), AdaGC(warmup_steps=10)
+    coefficients = []
+    for grads in run:
+        whole.clip_(params_with(grads))
+        coefficients.append(whole.last_coefficient.clone())
+    for grads in run[:17]:
+        first.clip_(params_with(grads))
+    resumed = AdaGC(warmup_steps=10)
+    with pytest.raises(ValueError, match="gamma"):  # 7 gradients said, 3 thresholds held: refused, unchanged
+        resumed.load_state_dict({**first.state_dict(), "num_tensors": 7})
+    assert resumed.num_tensors is None
+    resumed.load_state_dict(copy.deepcopy(first.state_dict()))
+    for grads, expected in zip(run[17:], coefficients[17:]):
+        resumed.clip_(params_with(grads))
+        assert torch.equal(resumed.last_coefficient, expected)
+    with pytest.raises(ValueError, match="one threshold per gradient"):
+        resumed.clip_(params_with(run[0][:2]))
+    for bad in ({"lambda_rel": 0}, {"beta": 1.0}, {"warmup_steps": 0}, {"eps": -1.0}):
+        with pytest.raises(ValueError):
+            AdaGC(**bad)
+
+
+def test_adagc_reads_nothing_on_the_host_and_compiles():
+    from conftest import require_backend
+
+    clipper = AdaGC(warmup_steps=10)
+    for grads in recorded_run(20):
+        params = params_with(grads)
+        with _NoHostReads():
+            clipper.clip_(params)
+    require_backend("cpp")
+    torch._dynamo.reset()
+    eager, compiled_clipper = AdaGC(warmup_steps=10), AdaGC(warmup_steps=10)
+    compiled = torch.compile(lambda params: compiled_clipper.clip_(params), fullgraph=True)
+    for grads in recorded_run(20):
+        p_eager, p_compiled = params_with(grads), params_with(grads)
+        eager.clip_(p_eager)
+        compiled(p_compiled)
+        assert torch.equal(eager.last_coefficient, compiled_clipper.last_coefficient)
         assert all(torch.equal(a.grad, b.grad) for a, b in zip(p_eager, p_compiled))
