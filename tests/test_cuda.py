@@ -301,3 +301,29 @@ def test_value_clipping_on_cuda_equals_torch(gpu_backend, case, dtype, clip_valu
     for p, r in zip(mine, ref):
         if r.grad is not None:
             assert_same(p.grad, r.grad, "gradient")
+
+
+@pytest.mark.parametrize("name", ["RunningAverageClip", "ZClip", "QuantileClip", "AdaGC", "clip_grad_value_"])
+def test_adaptive_clipping_and_value_clipping_do_not_sync(name):
+    """After one warm-up step (which moves an adaptive clipper's state to the GPU), no step waits for
+    the host."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(shape, device="cuda")) for shape in ((256, 128), (128,), (64, 256))]
+
+    def step(i: int) -> None:
+        for p in params:
+            p.grad = torch.randn_like(p) * (50.0 if i == 30 else 1.0)
+        if name == "clip_grad_value_":
+            fastclip.clip_grad_value_(params, 0.5)
+        else:
+            clipper.clip_(params)
+
+    clipper = None if name == "clip_grad_value_" else getattr(fastclip, name)()
+    step(0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for i in range(1, 40):
+            step(i)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
