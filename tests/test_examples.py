@@ -28,3 +28,14 @@ def test_gpt_training_loop_logs_the_monitor():
     out = _run("gpt_training_loop.py", "--steps", "6", "--log-every", "3")
     assert out.count("grad norm") == 2 and "largest: " in out
     assert out.strip().splitlines()[-1].startswith("done: 6 steps")
+
+
+def test_bad_batches_diverge_without_clipping_and_survive_with_it(tmp_path):
+    plot = tmp_path / "losses.png"
+    out = _run("bad_batches.py", "--steps", "220", "--plot", str(plot))
+    verdicts = {line.split(":")[0].strip(): line.rsplit("(", 1)[1].rstrip(")")
+                for line in out.splitlines() if "final clean loss" in line}
+    assert verdicts == {"no clipping": "diverged", "fixed clipping": "survived", "zclip": "survived",
+                        "autoclip": "survived", "skip bad steps": "survived"}, out
+    assert "skip bad steps: skipped" in out
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
