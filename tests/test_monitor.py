@@ -90,3 +90,79 @@ def test_invalid_settings_are_refused():
     monitor = fastclip.ClipMonitor(max_norm=1.0, tensor_norms=True)
     with pytest.raises(ValueError, match="overflow_safe"):
         monitor.clip_([torch.zeros(3, requires_grad=True)], overflow_safe=True)
+
+
+def test_suggest_max_norm_is_a_percentile_of_the_recorded_norms():
+    monitor = fastclip.ClipMonitor(max_norm=1.0)
+    norms = [float(v) for v in torch.rand(200, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 10]
+    norms[50] = math.inf  # non-finite norms are left out
+    for n in norms:
+        monitor.record(torch.tensor(n, dtype=torch.float64))
+    finite = torch.tensor([n for n in norms if math.isfinite(n)], dtype=torch.float64)
+    for percentile, name in ((90, "conservative"), (75, "moderate"), (50, "aggressive")):
+        expected = float(torch.quantile(finite, percentile / 100))
+        assert monitor.suggest_max_norm(percentile) == expected == monitor.suggest_max_norm(name)
+        # numpy.percentile's default (linear) by hand: the rank percentile / 100 * (n - 1)
+        ordered = sorted(finite.tolist())
+        rank = percentile / 100 * (len(ordered) - 1)
+        low, frac = int(rank), rank - int(rank)
+        assert expected == pytest.approx(ordered[low] + frac * (ordered[low + 1] - ordered[low]), rel=1e-15)
+    assert monitor.suggest_max_norm(100, last=10) == max(n for n in norms[-10:])
+    for bad in (0, 101, "wild", True):
+        with pytest.raises(ValueError):
+            monitor.suggest_max_norm(bad)
+    with pytest.raises(ValueError, match="no finite"):
+        fastclip.ClipMonitor(max_norm=1.0).suggest_max_norm()
+
+
+def test_layer_breakdown_names_the_gradients_that_dominate(backend):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 3))
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    model[1].weight.grad.fill_(3.0)  # sqrt(24) * 3 = 14.7: dominant
+    model[0].bias.grad.fill_(1.0)  # sqrt(8)
+    model[1].bias.grad = None  # no gradient: not listed
+    monitor = fastclip.ClipMonitor(max_norm=1e6, tensor_norms=True, backend=backend)
+    monitor.clip_(model.named_parameters())
+    rows = monitor.layer_breakdown()
+    assert [name for name, _, _ in rows] == ["1.weight", "0.bias", "0.weight"]
+    assert rows[0][1] == pytest.approx(3 * math.sqrt(24)) and rows[2][1] == 0.0
+    assert rows[0][2] == pytest.approx(216 / (216 + 8)) and sum(share for _, _, share in rows) == pytest.approx(1.0)
+    assert monitor.layer_breakdown(top=1) == rows[:1]
+    with pytest.raises(RuntimeError, match="tensor_norms=True"):
+        fastclip.ClipMonitor(max_norm=1.0).layer_breakdown()
+
+
+def test_log_dict_plot_and_state_dict(tmp_path):
+    monitor = fastclip.ClipMonitor(max_norm=1.0, window=3)
+    for v in (0.5, 0.5, 2.0, 0.4, math.nan, 0.6):
+        monitor.record(torch.tensor(v, dtype=torch.float64))
+    logged = monitor.log_dict()
+    assert logged["grad_norm/last"] == 0.6 and logged["grad_norm/clip_fraction"] == 1 / 6
+    assert logged["grad_norm/spikes"] == 2.0 and logged["grad_norm/is_spike"] == 0.0  # 2.0 and NaN
+    assert logged["grad_norm/running_mean"] == pytest.approx(0.5) and set(monitor.log_dict("g/")) == {
+        "g/last", "g/running_mean", "g/clip_fraction", "g/spikes", "g/is_spike", "g/max_norm"}
+    path = monitor.plot(str(tmp_path / "norms.png"))
+    assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    resumed = fastclip.ClipMonitor(max_norm=1.0, window=3)
+    resumed.load_state_dict(monitor.state_dict())
+    for m in (monitor, resumed):
+        m.record(torch.tensor(5.0, dtype=torch.float64))  # a spike against the same history
+    assert resumed.spikes == monitor.spikes and resumed.clipped == monitor.clipped
+    assert str(resumed.norms) == str(monitor.norms)  # NaN included
+    with pytest.raises(ValueError, match="window"):
+        fastclip.ClipMonitor(max_norm=1.0, window=4).load_state_dict(monitor.state_dict())
+
+
+def test_recording_a_step_reads_nothing_on_the_host():
+    from test_step import _NoHostReads
+
+    monitor = fastclip.ClipMonitor(max_norm=1.0, tensor_norms=True)
+    model = torch.nn.Linear(4, 2)
+    for _ in range(3):
+        model.zero_grad()
+        model(torch.randn(3, 4)).sum().backward()
+        with _NoHostReads():
+            monitor.clip_(model.named_parameters())
+    assert monitor.steps == 3 and len(monitor.norms) == 3
