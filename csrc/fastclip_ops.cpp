@@ -15,6 +15,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu/agc_kernels.h"
 #include "cpu/clip_kernels.h"
 #include "cpu/value_clip_kernels.h"
 #include "op_helpers.h"
@@ -113,6 +114,37 @@ void clamp_values_cpu(at::TensorList grads, double clip_value) {
   kernel_tensors.write_back();
 }
 
+// AGC: parameters and gradients as row-major contiguous buffers (units are rows of dimension 0);
+// a gradient that is not contiguous is clipped in a copy and written back.
+void adaptive_clip_cpu(at::TensorList params, at::TensorList grads, double clip_factor, double eps) {
+  TORCH_CHECK(params.size() == grads.size(), "fastclip: adaptive_clip_ needs one gradient per parameter");
+  std::vector<at::Tensor> param_buffers, grad_buffers;
+  std::vector<std::pair<at::Tensor, at::Tensor>> copies;
+  std::vector<cpu::AgcTensor> views;
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const at::Tensor& p = params[i];
+    const at::Tensor& g = grads[i];
+    TORCH_CHECK(p.sizes() == g.sizes() && p.scalar_type() == g.scalar_type(), "fastclip: adaptive_clip_: parameter ",
+                i, " (", p.sizes(), ", ", p.scalar_type(), ") and its gradient (", g.sizes(), ", ", g.scalar_type(),
+                ") differ in shape or dtype");
+    TORCH_CHECK(p.device().is_cpu() && g.device().is_cpu() && p.layout() == at::kStrided && g.layout() == at::kStrided,
+                "fastclip: adaptive_clip_ expects strided CPU tensors");
+    param_buffers.push_back(p.contiguous());
+    if (g.is_contiguous()) {
+      grad_buffers.push_back(g);
+    } else {
+      grad_buffers.push_back(g.contiguous());
+      copies.emplace_back(g, grad_buffers.back());
+    }
+    const int64_t units = g.dim() <= 1 ? 1 : g.size(0);
+    if (g.numel() == 0) continue;
+    views.push_back({param_buffers.back().data_ptr(), grad_buffers.back().data_ptr(), units, g.numel() / units,
+                     kernel_dtype(g.scalar_type())});
+  }
+  cpu::adaptive_clip(views.data(), static_cast<int64_t>(views.size()), clip_factor, eps, aten_parallel_for());
+  for (auto& [original, copy] : copies) original.copy_(copy);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fastclip, m) {
@@ -124,6 +156,8 @@ TORCH_LIBRARY(fastclip, m) {
   m.def("clip_with_tensor_norms_(Tensor(a!)[] grads, float max_norm, float norm_type) -> (Tensor, Tensor)");
   // clip_grad_value_: every element clamped to [-clip_value, clip_value], in one pass.
   m.def("clamp_values_(Tensor(a!)[] grads, float clip_value) -> ()");
+  // Adaptive gradient clipping (timm's unit-wise rule), CPU only.
+  m.def("adaptive_clip_(Tensor[] params, Tensor(a!)[] grads, float clip_factor, float eps) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastclip, CPU, m) {
@@ -132,6 +166,7 @@ TORCH_LIBRARY_IMPL(fastclip, CPU, m) {
   m.impl("scale_with_norm_", &scale_with_norm_cpu);
   m.impl("clip_with_tensor_norms_", &clip_with_tensor_norms_cpu);
   m.impl("clamp_values_", &clamp_values_cpu);
+  m.impl("adaptive_clip_", &adaptive_clip_cpu);
 }
 
 }  // namespace fastclip

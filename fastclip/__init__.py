@@ -12,6 +12,7 @@ from fastclip.api import (
     get_total_norm,
 )
 from fastclip.adaptive import AdaGC, QuantileClip, RunningAverageClip, ZClip
+from fastclip.agc import adaptive_clip_grad_
 from fastclip.amp import unscale_clip_
 from fastclip.skip import SkipOnSpike
 from fastclip.step import clipped_step
@@ -27,6 +28,7 @@ __all__ = [
     "RunningAverageClip",
     "SkipOnSpike",
     "ZClip",
+    "adaptive_clip_grad_",
     "available_backends",
     "clip_",
     "clip_grad_value_",

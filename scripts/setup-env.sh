@@ -19,5 +19,6 @@ trap 'rm -f "$constraints"' EXIT
 echo "torch==$torch_version" > "$constraints"
 pip_install -c "$constraints" -r requirements-dev.txt
 pip_install -c "$constraints" -r requirements-integration.txt
+pip_install --no-deps -r requirements-reference.txt
 pip_install -c "$constraints" --no-build-isolation -e .
 python -c "import sys, torch; v = sys.argv[1]; assert torch.__version__.split('+')[0] == v, (torch.__version__, v)" "$torch_version"

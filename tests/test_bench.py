@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+import fastclip
 from bench import report, run
 from bench.workloads import MIB, Workload, gpt2_shapes, llama_shapes, lstm_lm_shapes, preset, resnet50_shapes, with_dtype
 
@@ -133,3 +134,37 @@ def test_value_clip_bench_tiny_run_reports_every_provider():
                                        _NoProgress())
     text = value_clip.markdown({"tiny": result})
     assert text.count("| torch |") == 2 and text.count("| fastclip cpp |") == 2
+
+
+def _needs_timm():
+    """timm's agc.py is loaded from its file (the package itself needs torchvision): skip without it."""
+    import importlib.util
+
+    if importlib.util.find_spec("timm") is None:
+        pytest.skip("timm is not installed (scripts/setup-env.sh installs it with --no-deps)")
+
+
+def test_agc_bench_gate_rejects_a_provider_that_is_not_timms(monkeypatch):
+    """bench/agc.py checks every provider against timm before timing."""
+    _needs_timm()
+    from bench import agc
+
+    real = agc.providers
+
+    def with_a_wrong_one():
+        table = real()
+        table["clips harder"] = lambda params, clip_factor: fastclip.adaptive_clip_grad_(params, clip_factor / 2)
+        return table
+
+    monkeypatch.setattr(agc, "providers", with_a_wrong_one)
+    with pytest.raises(AssertionError, match="clips harder, every unit clips"):
+        agc.bench_workload(with_dtype([(300, 4), (40,)], torch.float32), 1, run.Timer("cpu"), _NoProgress())
+
+
+def test_agc_bench_tiny_run_reports_every_provider():
+    _needs_timm()
+    from bench import agc
+
+    result = agc.bench_workload(with_dtype([(300, 4), (40,)], torch.float32), 2, run.Timer("cpu"), _NoProgress())
+    text = agc.markdown({"tiny": result})
+    assert text.count("| timm |") == 2 and text.count("| fastclip cpp |") == 2

@@ -63,3 +63,12 @@ def test_per_tensor_norms_are_a_tensor_of_their_own(device):
     assert norms.shape == (len(tensors),) and norms.dtype == torch.float64
     assert norms.storage_offset() == 0, norms.storage_offset()
     assert norms.untyped_storage().nbytes() == len(tensors) * 8, norms.untyped_storage().nbytes()
+
+
+def test_opcheck_adaptive_clip_on_cpu():
+    """AGC's fused kernel is CPU-only: its op, checked like the others."""
+    require_backend("cpp")
+    params = [torch.randn(5, 3), torch.randn(70_000, dtype=torch.bfloat16), torch.randn((), dtype=torch.float64),
+              torch.randn(4, 6).t().contiguous()]
+    grads = [torch.randn_like(p) for p in params[:3]] + [torch.randn(4, 6).t()]
+    torch.library.opcheck(torch.ops.fastclip.adaptive_clip_.default, (params, grads, 0.01, 1e-3))

@@ -311,6 +311,21 @@ void tensor_norms(const TensorView* tensors, int64_t count, Norm norm, const Par
   }
 }
 
+double span_norm(DType dtype, const void* x, int64_t n, Norm norm) {
+  const TensorView span{const_cast<void*>(x), n, dtype};
+  if (n == 1) return single_element_norm(span);
+  double accumulated = 0.0;
+  for (int64_t begin = 0; begin < n; begin += kChunkElements) {
+    const double partial = reduce(dtype, element_address(span, begin), std::min(kChunkElements, n - begin), norm);
+    accumulated = norm.kind == NormKind::kInf ? max_nan(accumulated, partial) : accumulated + partial;
+  }
+  return finish_norm(accumulated, norm, dtype);
+}
+
+void span_scale(DType dtype, void* x, int64_t n, double coefficient) {
+  scale_elements(TensorView{x, n, dtype}, 0, n, coefficient);
+}
+
 double total_norm(const double* tensor_norms, int64_t count, Norm norm, DType total_dtype) {
   if (count == 1) return std::abs(tensor_norms[0]);  // as torch's CPU norm of one element, see above
   double accumulated = 0.0;

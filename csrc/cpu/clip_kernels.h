@@ -36,6 +36,14 @@ constexpr int64_t kChunkElements = 65536;
 void tensor_norms(const TensorView* tensors, int64_t count, Norm norm, const ParallelFor& parallel_for,
                   double* norms_out);
 
+// The norm of n contiguous elements of one dtype, as tensor_norms gives a tensor's norm (the same
+// chunks, combined in the same order, so the same bits): for the units of adaptive clipping, which
+// are rows of a tensor. Serial: the caller parallelises over spans.
+double span_norm(DType dtype, const void* x, int64_t n, Norm norm);
+
+// Multiplies n contiguous elements of one dtype in place, as scale() multiplies a gradient.
+void span_scale(DType dtype, void* x, int64_t n, double coefficient);
+
 // The total norm: the norm of the per-tensor norms, rounded to `total_dtype` (the promotion of all
 // gradient dtypes, as torch.stack gives); |norm| when there is one.
 double total_norm(const double* tensor_norms, int64_t count, Norm norm, DType total_dtype);

@@ -81,6 +81,17 @@ class Backend:
 
         clamp_grads_(grads, clip_value, foreach)
 
+    def adaptive_clip_grad_(self, params: list[torch.Tensor], grads: list[torch.Tensor], clip_factor: float, eps: float,
+                            norm_type: float) -> None:
+        """Adaptive gradient clipping (timm's unit-wise rule) of ``grads`` against ``params``, in place.
+
+        The default is timm's arithmetic with torch ops (:mod:`fastclip.agc`), for backends that have
+        no fused version.
+        """
+        from fastclip.agc import adaptive_clip_reference_
+
+        adaptive_clip_reference_(params, grads, clip_factor, eps, norm_type)
+
 
 def total_norm_dtype(tensors: list[torch.Tensor], overflow_safe: bool = False) -> torch.dtype:
     """The dtype of the total norm: torch.stack of the per-tensor norms promotes every tensor's

@@ -38,6 +38,10 @@ def _register_fake_kernels() -> None:
     def _(grads, clip_value):
         return None
 
+    @torch.library.register_fake("fastclip::adaptive_clip_")
+    def _(params, grads, clip_factor, eps):
+        return None
+
 
 class CppBackend(Backend):
     """Fused multi-tensor kernels from the compiled extension."""
@@ -79,3 +83,9 @@ class CppBackend(Backend):
     def clip_grad_value_(self, grads, clip_value, foreach):
         # Built wherever clip_ is (CPU and CUDA kernels of the same extension).
         torch.ops.fastclip.clamp_values_(grads, clip_value)
+
+    def adaptive_clip_grad_(self, params, grads, clip_factor, eps, norm_type):
+        if norm_type == 2.0 and grads[0].device.type == "cpu":  # the fused kernel: CPU, L2
+            torch.ops.fastclip.adaptive_clip_(params, grads, clip_factor, eps)
+        else:
+            super().adaptive_clip_grad_(params, grads, clip_factor, eps, norm_type)
