@@ -114,6 +114,30 @@ void clamp_values_cpu(at::TensorList grads, double clip_value) {
   kernel_tensors.write_back();
 }
 
+// Each gradient clipped by its own norm, as torch's clip_grad_norm_ called on it alone: the norms from
+// one parallel pass over all of them (float64 vector, each rounded to its gradient's dtype), then
+// each gradient whose coefficient is below 1 scaled, in its own dtype's arithmetic.
+at::Tensor clip_per_tensor_cpu(at::TensorList grads, double max_norm, double norm_type) {
+  const Norm norm = checked_norm(grads, norm_type, "clip_per_tensor_");
+  DenseTensors dense(grads, at::kCPU);
+  std::vector<cpu::TensorView> views;
+  for (size_t i = 0; i < grads.size(); ++i)
+    views.push_back({dense.dense[i].data_ptr(), dense.dense[i].numel(), kernel_dtype(grads[i].scalar_type())});
+  at::Tensor norms = at::empty({static_cast<int64_t>(grads.size())}, at::TensorOptions().dtype(at::kDouble));
+  double* out = norms.data_ptr<double>();
+  cpu::tensor_norms(views.data(), static_cast<int64_t>(views.size()), norm, aten_parallel_for(), out);
+  bool scaled = false;
+  for (size_t i = 0; i < views.size(); ++i) {
+    // clip_grad_norm_ of one gradient: its total norm is |its norm|, in its dtype.
+    const double coefficient = cpu::clip_coefficient(std::abs(out[i]), max_norm, views[i].dtype);
+    if (coefficient == 1.0) continue;
+    cpu::scale(&views[i], 1, coefficient, aten_parallel_for());
+    scaled = true;
+  }
+  if (scaled) dense.write_back();
+  return norms;
+}
+
 // AGC: parameters and gradients as row-major contiguous buffers (units are rows of dimension 0);
 // a gradient that is not contiguous is clipped in a copy and written back.
 void adaptive_clip_cpu(at::TensorList params, at::TensorList grads, double clip_factor, double eps) {
@@ -156,6 +180,9 @@ TORCH_LIBRARY(fastclip, m) {
   m.def("clip_with_tensor_norms_(Tensor(a!)[] grads, float max_norm, float norm_type) -> (Tensor, Tensor)");
   // clip_grad_value_: every element clamped to [-clip_value, clip_value], in one pass.
   m.def("clamp_values_(Tensor(a!)[] grads, float clip_value) -> ()");
+  // Each gradient clipped by its own norm (torch's clip_grad_norm_ on each alone); returns the norms
+  // (float64, one per gradient).
+  m.def("clip_per_tensor_(Tensor(a!)[] grads, float max_norm, float norm_type) -> Tensor");
   // Adaptive gradient clipping (timm's unit-wise rule), CPU only.
   m.def("adaptive_clip_(Tensor[] params, Tensor(a!)[] grads, float clip_factor, float eps) -> ()");
 }
@@ -167,6 +194,7 @@ TORCH_LIBRARY_IMPL(fastclip, CPU, m) {
   m.impl("clip_with_tensor_norms_", &clip_with_tensor_norms_cpu);
   m.impl("clamp_values_", &clamp_values_cpu);
   m.impl("adaptive_clip_", &adaptive_clip_cpu);
+  m.impl("clip_per_tensor_", &clip_per_tensor_cpu);
 }
 
 }  // namespace fastclip

@@ -17,6 +17,7 @@ from fastclip.amp import unscale_clip_
 from fastclip.skip import SkipOnSpike
 from fastclip.step import clipped_step
 from fastclip.monitor import ClipMonitor
+from fastclip.per_tensor import clip_per_group_, clip_per_tensor_
 from fastclip.patch import patch_torch
 
 __version__ = "0.1.0"
@@ -33,6 +34,8 @@ __all__ = [
     "clip_",
     "clip_grad_value_",
     "clip_grads_with_norm_",
+    "clip_per_group_",
+    "clip_per_tensor_",
     "clip_with_tensor_norms_",
     "clipped_step",
     "get_total_norm",

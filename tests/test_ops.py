@@ -65,6 +65,11 @@ def test_per_tensor_norms_are_a_tensor_of_their_own(device):
     assert norms.untyped_storage().nbytes() == len(tensors) * 8, norms.untyped_storage().nbytes()
 
 
+def test_opcheck_clip_per_tensor_on_cpu():
+    require_backend("cpp")
+    torch.library.opcheck(torch.ops.fastclip.clip_per_tensor_.default, (_tensors("cpu"), 0.1, 2.0))
+
+
 def test_opcheck_adaptive_clip_on_cpu():
     """AGC's fused kernel is CPU-only: its op, checked like the others."""
     require_backend("cpp")

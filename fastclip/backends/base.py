@@ -81,6 +81,19 @@ class Backend:
 
         clamp_grads_(grads, clip_value, foreach)
 
+    def clip_per_tensor_(self, grads: list[torch.Tensor], max_norm: float, norm_type: float) -> torch.Tensor:
+        """Each gradient clipped by its own norm, as ``clip_grad_norm_`` of it alone; returns the norms
+        (float64, on the first gradient's device). The default: the torch backend's arithmetic, one
+        gradient at a time."""
+        from fastclip.backends.torch_backend import TorchBackend, clip_coefficient, scale_grads_
+
+        norms = []
+        for g in grads:
+            norm = TorchBackend().get_total_norm([g], norm_type, None)
+            scale_grads_([g], clip_coefficient(norm, max_norm), None)
+            norms.append(norm.to(grads[0].device, torch.float64))
+        return torch.stack(norms)
+
     def adaptive_clip_grad_(self, params: list[torch.Tensor], grads: list[torch.Tensor], clip_factor: float, eps: float,
                             norm_type: float) -> None:
         """Adaptive gradient clipping (timm's unit-wise rule) of ``grads`` against ``params``, in place.

@@ -38,6 +38,10 @@ def _register_fake_kernels() -> None:
     def _(grads, clip_value):
         return None
 
+    @torch.library.register_fake("fastclip::clip_per_tensor_")
+    def _(grads, max_norm, norm_type):
+        return grads[0].new_empty((len(grads),), dtype=torch.float64)
+
     @torch.library.register_fake("fastclip::adaptive_clip_")
     def _(params, grads, clip_factor, eps):
         return None
@@ -89,3 +93,8 @@ class CppBackend(Backend):
             torch.ops.fastclip.adaptive_clip_(params, grads, clip_factor, eps)
         else:
             super().adaptive_clip_grad_(params, grads, clip_factor, eps, norm_type)
+
+    def clip_per_tensor_(self, grads, max_norm, norm_type):
+        if grads[0].device.type == "cpu":  # the fused kernel is CPU-only
+            return torch.ops.fastclip.clip_per_tensor_(grads, max_norm, norm_type)
+        return super().clip_per_tensor_(grads, max_norm, norm_type)
