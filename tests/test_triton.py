@@ -4,6 +4,7 @@ device tables, and capture by torch.compile(fullgraph=True)."""
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -104,18 +105,21 @@ _COMPILE_SCRIPT = textwrap.dedent(
     }
     scale_signature = {"chunks_ptr": "*i64", "tensors_ptr": "*i64", "coefficient_ptr": "*fp64",
                        "COEFFICIENT_DTYPE": "constexpr", "BLOCK": "constexpr"}
-    compiled = 0
+    compiled = vector_loads = vector_stores = 0
     for tag, pointer in {0: "*fp32", 1: "*fp16", 2: "*bf16", 3: "*fp64"}.items():
         for norm in range(4):
             # The overflow-safe variant: fp32 or fp64 totals, every norm but inf (served unscaled).
             for safe in (False, True) if tag in (0, 3) and norm != 2 else (False,):
                 constants = {"NORM": norm, "TOTAL_DTYPE": tag, "CPU_RULES": False, "SAFE": safe, "BLOCK": 2048,
                              "BARRIER": True}
-                triton.compile(ASTSource(kernels._norm_kernel, {**norm_signature, "total_ptr": pointer}, constants),
-                               target=target)
+                kernel = triton.compile(ASTSource(kernels._norm_kernel, {**norm_signature, "total_ptr": pointer},
+                                                  constants), target=target)
                 compiled += 1
-        triton.compile(ASTSource(kernels._scale_kernel, scale_signature, {"COEFFICIENT_DTYPE": tag, "BLOCK": 2048}),
-                       target=target)
+                if norm == 0 and not safe:  # the plain L2 norm kernel: its full blocks load 16 bytes at a time
+                    vector_loads += kernel.asm["ptx"].count("ld.global.v4") + kernel.asm["ptx"].count("ld.global.v2")
+        scale = triton.compile(ASTSource(kernels._scale_kernel, scale_signature,
+                                         {"COEFFICIENT_DTYPE": tag, "BLOCK": 2048}), target=target)
+        vector_stores += scale.asm["ptx"].count("st.global.v4") + scale.asm["ptx"].count("st.global.v2")
         coefficient_signature = {"total_ptr": pointer, "coefficient_ptr": "*fp64", "max_norm_bits": "i64",
                                  "TOTAL_DTYPE": "constexpr"}
         triton.compile(ASTSource(kernels._coefficient_kernel, coefficient_signature, {"TOTAL_DTYPE": tag}),
@@ -129,6 +133,8 @@ _COMPILE_SCRIPT = textwrap.dedent(
         triton.compile(ASTSource(value_clip._clamp_kernel, clamp_signature, {"BLOCK": 2048}), target=target)
         compiled += 1
     print("compiled", compiled)
+    print("vector loads", vector_loads)
+    print("vector stores", vector_stores)
     """
 )
 
@@ -143,6 +149,11 @@ def test_kernels_compile_for_gpus(kernels, arch):
     assert result.returncode == 0, result.stderr[-3000:]
     # 16 norm kernels, 6 of them overflow-safe, 4 scale, 4 coefficient, 2 value clipping
     assert "compiled 32" in result.stdout
+    # Full blocks of aligned gradients are read with 16-byte vector loads (ld.global.v4 / .v2): the
+    # table's addresses alone would give the compiler no alignment to prove them from.
+    vector_loads = int(result.stdout.split("vector loads ")[1].split()[0])
+    assert vector_loads >= 4 * 4, result.stdout  # each of the 4 kernels, for its 4 gradient dtypes
+    assert int(result.stdout.split("vector stores ")[1].split()[0]) >= 4 * 4, result.stdout  # and the scaling
 
 
 _NOT_TUNED_SCRIPT = textwrap.dedent(
@@ -166,3 +177,17 @@ def test_norm_kernel_is_not_autotuned_nor_specialised_on_sizes(kernels):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", _NOT_TUNED_SCRIPT], env=env, capture_output=True, text=True)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+def test_aligned_and_unaligned_gradients_give_the_same_norm(kernels):
+    """A gradient whose address is not 16-byte aligned (a view at an odd offset) takes the masked path
+    for its full blocks, an aligned one the vector path: the same values must give the same bits."""
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        buffer = torch.randn(3 * 65536 + 4097, dtype=torch.float64).to(dtype)
+        unaligned = buffer[1:]
+        aligned = unaligned.clone()
+        assert unaligned.data_ptr() % 16 != 0 and aligned.data_ptr() % 16 == 0
+        for norm_type in (2.0, 1.0, math.inf):
+            a = torch.ops.fastclip_triton.total_norm([aligned], norm_type)
+            b = torch.ops.fastclip_triton.total_norm([unaligned], norm_type)
+            assert torch.equal(a, b), (dtype, norm_type, a, b)

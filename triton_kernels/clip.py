@@ -104,6 +104,33 @@ def _load_math(address, offsets, mask, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _aligned_block_pointer(address, begin, DTYPE: tl.constexpr):
+    """The pointer to element ``begin`` of a gradient at a 16-byte aligned ``address``, declared as
+    such (``tl.multiple_of``): with it and block offsets that are multiples of the block, the
+    compiler emits 16-byte vector loads, which it cannot prove from an address read from a table.
+    ``begin`` is a multiple of CHUNK, so the pointer stays aligned."""
+    if DTYPE == 0:
+        return tl.multiple_of(address.to(tl.pointer_type(tl.float32)) + begin, 16)
+    elif DTYPE == 1:
+        return tl.multiple_of(address.to(tl.pointer_type(tl.float16)) + begin, 16)
+    elif DTYPE == 2:
+        return tl.multiple_of(address.to(tl.pointer_type(tl.uint16)) + begin, 16)
+    else:
+        return tl.multiple_of(address.to(tl.pointer_type(tl.float64)) + begin, 16)
+
+
+@triton.jit
+def _load_block_math(pointer, offsets, DTYPE: tl.constexpr):
+    """A full block from a typed pointer, unmasked, in the arithmetic type (as _load_math)."""
+    if DTYPE == 1:
+        return tl.load(pointer + offsets).to(tl.float32)
+    elif DTYPE == 2:
+        return _bf16_bits_to_f32(tl.load(pointer + offsets))
+    else:
+        return tl.load(pointer + offsets)
+
+
+@triton.jit
 def _store_math(address, offsets, mask, value, DTYPE: tl.constexpr):
     """Stores arithmetic-type values into a gradient, rounding like c10 (doubles via float)."""
     if DTYPE == 0:
@@ -114,6 +141,19 @@ def _store_math(address, offsets, mask, value, DTYPE: tl.constexpr):
         tl.store(address.to(tl.pointer_type(tl.uint16)) + offsets, _f32_to_bf16_bits(value.to(tl.float32)), mask=mask)
     else:
         tl.store(address.to(tl.pointer_type(tl.float64)) + offsets, value.to(tl.float64), mask=mask)
+
+
+@triton.jit
+def _store_block_math(pointer, offsets, value, DTYPE: tl.constexpr):
+    """_store_math of a full block through a typed (aligned) pointer, unmasked."""
+    if DTYPE == 0:
+        tl.store(pointer + offsets, value.to(tl.float32))
+    elif DTYPE == 1:
+        tl.store(pointer + offsets, value.to(tl.float32).to(tl.float16))
+    elif DTYPE == 2:
+        tl.store(pointer + offsets, _f32_to_bf16_bits(value.to(tl.float32)))
+    else:
+        tl.store(pointer + offsets, value.to(tl.float64))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,7 +257,22 @@ def _chunk_partial(address, begin, end, p, DTYPE: tl.constexpr, NORM: tl.constex
         acc = tl.zeros([BLOCK], dtype=tl.float64)
     else:
         acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(begin, end, BLOCK):
+    # Full blocks first: where the gradient's address is 16-byte aligned (torch's allocator aligns
+    # every allocation; a view with an odd storage offset may not be), unmasked through a pointer
+    # declared aligned, so the compiler emits 16-byte vector loads. Then the tail, masked. The blocks
+    # are accumulated in the same order on either path, so the bits do not depend on it.
+    full_blocks = (end - begin) // BLOCK
+    full_end = begin + full_blocks * BLOCK
+    if address % 16 == 0:
+        pointer = _aligned_block_pointer(address, begin, DTYPE)
+        for block in range(0, full_blocks):
+            offsets = block * BLOCK + tl.arange(0, BLOCK)
+            acc = _accumulate(acc, _load_block_math(pointer, offsets, DTYPE).to(acc.dtype), p, NORM)
+    else:
+        for start in range(begin, full_end, BLOCK):
+            offsets = start + tl.arange(0, BLOCK).to(tl.int64)
+            acc = _accumulate(acc, _load_math(address, offsets, offsets < end, DTYPE).to(acc.dtype), p, NORM)
+    for start in range(full_end, end, BLOCK):
         offsets = start + tl.arange(0, BLOCK).to(tl.int64)
         acc = _accumulate(acc, _load_math(address, offsets, offsets < end, DTYPE).to(acc.dtype), p, NORM)
     return _reduce(acc, NORM).to(tl.float64)
@@ -450,8 +505,19 @@ def _scaled(x, coefficient, mode, DTYPE: tl.constexpr, COEFFICIENT_DTYPE: tl.con
 @triton.jit
 def _scale_chunk(address, begin, end, coefficient, mode, DTYPE: tl.constexpr, COEFFICIENT_DTYPE: tl.constexpr,
                  BLOCK: tl.constexpr):
-    for start in range(begin, end, BLOCK):
-        offsets = start + tl.arange(0, BLOCK).to(tl.int64)
+    # As in _chunk_partial: full blocks of an aligned gradient through a pointer declared aligned
+    # (16-byte vector loads and stores), the rest masked. Elementwise: the path changes no bits.
+    start = begin
+    if address % 16 == 0:
+        pointer = _aligned_block_pointer(address, begin, DTYPE)
+        full_blocks = (end - begin) // BLOCK
+        for block in range(0, full_blocks):
+            offsets = block * BLOCK + tl.arange(0, BLOCK)
+            x = _load_block_math(pointer, offsets, DTYPE)
+            _store_block_math(pointer, offsets, _scaled(x, coefficient, mode, DTYPE, COEFFICIENT_DTYPE), DTYPE)
+        start = begin + full_blocks * BLOCK
+    for block_start in range(start, end, BLOCK):
+        offsets = block_start + tl.arange(0, BLOCK).to(tl.int64)
         mask = offsets < end
         x = _load_math(address, offsets, mask, DTYPE)
         _store_math(address, offsets, mask, _scaled(x, coefficient, mode, DTYPE, COEFFICIENT_DTYPE), DTYPE)
