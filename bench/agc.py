@@ -14,17 +14,15 @@ Usage: python -m bench.agc [--repeats N] [--out DIR]
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
 import os
-import re
 import statistics
 
 import torch
-from tqdm import tqdm
 
 import fastclip
-from bench.run import WARMUP_ROUNDS, Timer, device_description
+from bench.run import Timer
+from bench.timing import interleaved_samples, run_and_save
 from bench.workloads import MIB, gpt2_shapes, make_grads, resnet50_shapes, with_dtype
 
 # Gradients ~1e-3 (make_grads) against parameters ~0.1: no unit clips at clip_factor 1, every unit
@@ -55,7 +53,8 @@ def providers() -> dict:
     return table
 
 
-def bench_workload(spec, repeats: int, timer: Timer, progress) -> dict:
+def bench_workload(spec, device: str, repeats: int, timer: Timer, progress) -> dict:
+    """Gate then time one workload (CPU only: ``device`` is for the shared driver)."""
     grads = make_grads(spec, "cpu")
     params = [torch.nn.Parameter(torch.randn(g.shape, generator=torch.Generator().manual_seed(i)).mul_(0.1).to(g.dtype))
               for i, g in enumerate(grads)]
@@ -79,22 +78,17 @@ def bench_workload(spec, repeats: int, timer: Timer, progress) -> dict:
     flat_g = torch.empty(grad_bytes // 4).uniform_()
     limits = {"reads": lambda: (flat_p.sum(), flat_g.sum()), "reads + write": lambda: (flat_p.sum(), flat_g.mul_(1.0))}
     limit_of = {"no unit clips": "reads", "every unit clips": "reads + write"}
-    samples: dict[tuple[str, str], list[float]] = {}
-    names = list(table) + list(limits)
-    for round_index in range(repeats + WARMUP_ROUNDS):
-        order = names[round_index % len(names):] + names[: round_index % len(names)]
-        for name in order:
-            for step, clip_factor in STEPS.items():
-                if name in limits:
-                    if limit_of[step] != name:
-                        continue
-                    seconds = timer(limits[name])
-                else:
-                    torch._foreach_copy_(grads, pristine)
-                    seconds = timer(lambda: table[name](params, clip_factor))
-                if round_index >= WARMUP_ROUNDS:
-                    samples.setdefault((name, step), []).append(seconds)
-        progress.update(1)
+
+    def measure(name):
+        for step, clip_factor in STEPS.items():
+            if name in limits:
+                if limit_of[step] == name:
+                    yield step, timer(limits[name])
+            else:
+                torch._foreach_copy_(grads, pristine)
+                yield step, timer(lambda: table[name](params, clip_factor))
+
+    samples = interleaved_samples(list(table) + list(limits), measure, repeats, progress)
     medians = {k: statistics.median(v) for k, v in samples.items()}
     return {"medians": medians, "providers": list(table), "limit_of": limit_of, "count": len(grads),
             "bytes": param_bytes + grad_bytes}
@@ -118,23 +112,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=9, help="timed rounds (default 9)")
     parser.add_argument("--out", default="bench/results", help="directory for the markdown")
     args = parser.parse_args()
-    machine = device_description("cpu")
-    header = (f"# fastclip AGC benchmark (CPU)\n\n{machine}; torch {torch.__version__}; "
-              f"{datetime.date.today().isoformat()}; medians of {args.repeats} interleaved rounds\n\n")
-    print(header, flush=True)
-    timer = Timer("cpu")
-    results = {}
-    with tqdm(total=len(WORKLOADS) * (args.repeats + WARMUP_ROUNDS), desc="agc", unit="round", disable=None) as progress:
-        for name, spec in WORKLOADS.items():
-            results[name] = bench_workload(spec, args.repeats, timer, progress)
-    text = header + markdown(results)
-    print(text[len(header):], flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    slug = re.sub(r"[^a-z0-9]+", "-", f"agc-{machine.split(',')[0]}-{datetime.date.today()}".lower()).strip("-")
-    path = os.path.join(args.out, f"{slug}.md")
-    with open(path, "w") as f:
-        f.write(text)
-    print(f"written: {path}")
+    run_and_save("fastclip AGC benchmark (CPU)", "", WORKLOADS, bench_workload, markdown, repeats=args.repeats,
+                 device="cpu", out=args.out, slug="agc")
 
 
 if __name__ == "__main__":

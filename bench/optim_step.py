@@ -23,16 +23,13 @@ Usage: python -m bench.optim_step [--repeats N] [--workload SUBSTRING] [--device
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import re
 import statistics
 
 import torch
-from tqdm import tqdm
 
 import fastclip
-from bench.run import WARMUP_ROUNDS, Timer, device_description, reference_norm
+from bench.run import Timer, reference_norm
+from bench.timing import interleaved_samples, run_and_save
 from bench.workloads import MIB, gpt2_shapes, make_grads, resnet50_shapes, with_dtype
 
 NO_CLIP, CLIP = 1e9, 1e-3
@@ -130,25 +127,17 @@ def bench_workload(spec, device: str, repeats: int, timer: Timer, progress) -> d
     nbytes = sum(g.numel() * g.element_size() for g in grads)
     flat = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
     limits = {"one read": lambda: flat.sum(), "read + write": lambda: flat.mul_(1.0)}
-    samples: dict[tuple[str, str], list[float]] = {}
-    names = list(table) + list(limits)
-    for round_index in range(repeats + WARMUP_ROUNDS):
-        order = names[round_index % len(names):] + names[: round_index % len(names)]
-        for name in order:
-            if name in limits:
-                seconds = [timer(limits[name])]
-                kinds = ["limit"]
-            else:
-                seconds, kinds = [], []
-                for clips, scaled in STEP_KINDS:
-                    scaler = new_scaler(device, scaled)
-                    torch._foreach_copy_(grads, pristine[scaled])
-                    seconds.append(timer(lambda: table[name](CLIP if clips else NO_CLIP, scaler)))
-                    kinds.append(kind_name(clips, scaled))
-            if round_index >= WARMUP_ROUNDS:
-                for kind, s in zip(kinds, seconds):
-                    samples.setdefault((name, kind), []).append(s)
-        progress.update(1)
+
+    def measure(name):
+        if name in limits:
+            yield "limit", timer(limits[name])
+            return
+        for clips, scaled in STEP_KINDS:
+            scaler = new_scaler(device, scaled)
+            torch._foreach_copy_(grads, pristine[scaled])
+            yield kind_name(clips, scaled), timer(lambda: table[name](CLIP if clips else NO_CLIP, scaler))
+
+    samples = interleaved_samples(list(table) + list(limits), measure, repeats, progress)
     medians = {key: statistics.median(v) for key, v in samples.items()}
     medians["limit"] = 2 * medians[("one read", "limit")] + 3 * medians[("read + write", "limit")]
     return {"medians": medians, "providers": list(table), "nbytes": nbytes, "count": len(grads)}
@@ -178,26 +167,10 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="bench/results", help="directory for the markdown")
     args = parser.parse_args()
-    workloads = {name: spec for name, spec in WORKLOADS.items() if args.workload in name}
-    machine = device_description(args.device)
-    header = (f"# fastclip optimizer-step benchmark (clip + fused AdamW)\n\n{machine}; torch {torch.__version__}; "
-              f"{datetime.date.today().isoformat()}; medians of {args.repeats} interleaved rounds; each cell: "
-              "time, torch's time / this time, the memory-traffic limit / this time\n")
-    print(header, flush=True)
-    timer = Timer(args.device)
-    results = {}
-    with tqdm(total=len(workloads) * (args.repeats + WARMUP_ROUNDS), desc="optim step", unit="round",
-              disable=None) as progress:
-        for name, spec in workloads.items():
-            results[name] = bench_workload(spec, args.device, args.repeats, timer, progress)
-    text = header + markdown(results)
-    print(text[len(header):], flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    slug = re.sub(r"[^a-z0-9]+", "-", f"optim-step-{machine.split(',')[0]}-{datetime.date.today()}".lower()).strip("-")
-    path = os.path.join(args.out, f"{slug}.md")
-    with open(path, "w") as f:
-        f.write(text)
-    print(f"written: {path}")
+    run_and_save("fastclip optimizer-step benchmark (clip + fused AdamW)",
+                 "; each cell: time, torch's time / this time, the memory-traffic limit / this time",
+                 {name: spec for name, spec in WORKLOADS.items() if args.workload in name}, bench_workload, markdown,
+                 repeats=args.repeats, device=args.device, out=args.out, slug="optim-step")
 
 
 if __name__ == "__main__":

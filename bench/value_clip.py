@@ -14,16 +14,13 @@ Usage: python -m bench.value_clip [--repeats N] [--device D] [--out DIR]
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import re
 import statistics
 
 import torch
-from tqdm import tqdm
 
 import fastclip
-from bench.run import WARMUP_ROUNDS, Timer, device_description, parameters_for
+from bench.run import Timer, parameters_for
+from bench.timing import interleaved_samples, run_and_save
 from bench.workloads import MIB, gpt2_shapes, llama_shapes, make_grads, with_dtype
 
 STEPS = {"none outside": 1e4, "a third outside": 1e-3}
@@ -60,22 +57,17 @@ def bench_workload(spec, device: str, repeats: int, timer: Timer, progress) -> d
     nbytes = sum(g.numel() * g.element_size() for g in grads)
     flat = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
     limits = {"one read": lambda: flat.sum(), "read + write": lambda: flat.mul_(1.0)}
-    samples: dict[tuple[str, str], list[float]] = {}
-    names = list(table) + list(limits)
-    for round_index in range(repeats + WARMUP_ROUNDS):
-        order = names[round_index % len(names):] + names[: round_index % len(names)]
-        for name in order:
-            for step, value in STEPS.items():
-                if name in limits:
-                    if LIMITS[step] != name:
-                        continue
-                    seconds = timer(limits[name])
-                else:
-                    torch._foreach_copy_(grads, pristine)
-                    seconds = timer(lambda: table[name](params, value))
-                if round_index >= WARMUP_ROUNDS:
-                    samples.setdefault((name, step), []).append(seconds)
-        progress.update(1)
+
+    def measure(name):
+        for step, value in STEPS.items():
+            if name in limits:
+                if LIMITS[step] == name:
+                    yield step, timer(limits[name])
+            else:
+                torch._foreach_copy_(grads, pristine)
+                yield step, timer(lambda: table[name](params, value))
+
+    samples = interleaved_samples(list(table) + list(limits), measure, repeats, progress)
     return {"medians": {k: statistics.median(v) for k, v in samples.items()}, "providers": list(table),
             "nbytes": nbytes, "count": len(grads)}
 
@@ -99,24 +91,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="bench/results", help="directory for the markdown")
     args = parser.parse_args()
-    machine = device_description(args.device)
-    header = (f"# fastclip value-clipping benchmark\n\n{machine}; torch {torch.__version__}; "
-              f"{datetime.date.today().isoformat()}; medians of {args.repeats} interleaved rounds\n\n")
-    print(header, flush=True)
-    timer = Timer(args.device)
-    results = {}
-    with tqdm(total=len(WORKLOADS) * (args.repeats + WARMUP_ROUNDS), desc="value clip", unit="round",
-              disable=None) as progress:
-        for name, spec in WORKLOADS.items():
-            results[name] = bench_workload(spec, args.device, args.repeats, timer, progress)
-    text = header + markdown(results)
-    print(text[len(header):], flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    slug = re.sub(r"[^a-z0-9]+", "-", f"value-clip-{machine.split(',')[0]}-{datetime.date.today()}".lower()).strip("-")
-    path = os.path.join(args.out, f"{slug}.md")
-    with open(path, "w") as f:
-        f.write(text)
-    print(f"written: {path}")
+    run_and_save("fastclip value-clipping benchmark", "", WORKLOADS, bench_workload, markdown, repeats=args.repeats,
+                 device=args.device, out=args.out, slug="value-clip")
 
 
 if __name__ == "__main__":

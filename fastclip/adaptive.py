@@ -19,6 +19,7 @@ import math
 import torch
 
 from fastclip import api
+from fastclip._device_state import FollowsDevice
 from fastclip._inputs import TensorOrTensors, as_tensor_list, grads_of
 from fastclip.backends.torch_backend import scale_grads_
 
@@ -38,7 +39,7 @@ def _positive(value, name: str, *, allow_none: bool = False, upper: float = math
     return float(value)
 
 
-class _AdaptiveClip:
+class _AdaptiveClip(FollowsDevice):
     """The step common to every method: norm, threshold (subclass), coefficient, scaling."""
 
     _STATE: tuple[str, ...] = ()  # names of the device tensors that make up the state
@@ -49,20 +50,9 @@ class _AdaptiveClip:
         self._device = torch.device("cpu")
         self._allocate(self._device)
 
-    def _allocate(self, device: torch.device) -> None:
-        raise NotImplementedError
-
     def _coefficient(self, norm: torch.Tensor) -> torch.Tensor:
         """Updates the state with this step's norm (float64, 0-dim) and returns the coefficient."""
         raise NotImplementedError
-
-    def _follow(self, device: torch.device) -> None:
-        """Moves the state to the gradients' device on first use there (a copy, no host wait)."""
-        if device != self._device:
-            state = self.state_dict()
-            self._device = device
-            self._allocate(device)
-            self.load_state_dict(state)
 
     @torch.no_grad()
     def clip_(self, parameters: TensorOrTensors) -> torch.Tensor:

@@ -8,6 +8,8 @@ import math
 
 import torch
 
+from fastclip._device_state import FollowsDevice
+
 
 def _is_positive_number(value) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value > 0
@@ -56,7 +58,7 @@ class _History:
         self.count.copy_(count)
 
 
-class SkipOnSpike:
+class SkipOnSpike(FollowsDevice):
     r"""Skips a step whose gradient norm (or loss) is an outlier against the recent ones, or is not
     finite, deciding on the device so that no step waits for the host.
 
@@ -125,15 +127,6 @@ class SkipOnSpike:
         self.steps = torch.zeros((), dtype=torch.int64, device=device)
         self.skipped_steps = torch.zeros((), dtype=torch.int64, device=device)
         self.last_skipped_step = torch.full((), -1, dtype=torch.int64, device=device)
-
-    def _follow(self, device: torch.device) -> None:
-        """Moves the state to ``device`` (a copy, no synchronisation) the first time a norm arrives
-        there: the state is created before the model's device is known."""
-        if device != self._device:
-            state = self.state_dict()
-            self._device = device
-            self._allocate(device)
-            self.load_state_dict(state)
 
     @torch.no_grad()
     def update(self, total_norm: torch.Tensor, loss: torch.Tensor | None = None) -> torch.Tensor:

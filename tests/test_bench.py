@@ -158,13 +158,14 @@ def test_agc_bench_gate_rejects_a_provider_that_is_not_timms(monkeypatch):
 
     monkeypatch.setattr(agc, "providers", with_a_wrong_one)
     with pytest.raises(AssertionError, match="clips harder, every unit clips"):
-        agc.bench_workload(with_dtype([(300, 4), (40,)], torch.float32), 1, run.Timer("cpu"), _NoProgress())
+        agc.bench_workload(with_dtype([(300, 4), (40,)], torch.float32), "cpu", 1, run.Timer("cpu"), _NoProgress())
 
 
 def test_agc_bench_tiny_run_reports_every_provider():
     _needs_timm()
     from bench import agc
 
-    result = agc.bench_workload(with_dtype([(300, 4), (40,)], torch.float32), 2, run.Timer("cpu"), _NoProgress())
+    result = agc.bench_workload(with_dtype([(300, 4), (40,)], torch.float32), "cpu", 2, run.Timer("cpu"),
+                                _NoProgress())
     text = agc.markdown({"tiny": result})
     assert text.count("| timm |") == 2 and text.count("| fastclip cpp |") == 2

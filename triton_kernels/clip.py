@@ -66,6 +66,16 @@ _TENSOR_COLUMNS = tl.constexpr(5)
 
 
 @triton.jit
+def _this_chunk(chunks_ptr, tensors_ptr):
+    """(chunk index, gradient address, begin, end, gradient index, dtype tag) of this program's chunk,
+    read from the tables: how every kernel that works chunk by chunk starts."""
+    chunk = tl.program_id(0).to(tl.int64)
+    row = chunks_ptr + chunk * _CHUNK_COLUMNS
+    t = tl.load(row + 3)
+    return chunk, tl.load(row), tl.load(row + 1), tl.load(row + 2), t, tl.load(tensors_ptr + t * _TENSOR_COLUMNS + 1)
+
+
+@triton.jit
 def _bf16_bits_to_f32(bits):
     return (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
 
@@ -422,13 +432,8 @@ def _norm_kernel(chunks_ptr, tensors_ptr, partials_ptr, tensor_norms_ptr, counte
     """Launch 1. With SAFE (the overflow-safe norm; never with the inf norm, which needs no
     scaling) partials are (sum, exponent) pairs and tensor_norms holds each gradient's combined
     sum, not its norm."""
-    chunk = tl.program_id(0).to(tl.int64)
+    chunk, address, begin, end, t, dtype = _this_chunk(chunks_ptr, tensors_ptr)
     p = p_bits.to(tl.float64, bitcast=True)
-    address = tl.load(chunks_ptr + chunk * _CHUNK_COLUMNS)
-    begin = tl.load(chunks_ptr + chunk * _CHUNK_COLUMNS + 1)
-    end = tl.load(chunks_ptr + chunk * _CHUNK_COLUMNS + 2)
-    t = tl.load(chunks_ptr + chunk * _CHUNK_COLUMNS + 3)
-    dtype = tl.load(tensors_ptr + t * _TENSOR_COLUMNS + 1)
     if SAFE:
         if dtype == 0:
             partial, exponent = _scaled_chunk_partial(address, begin, end, p, 0, NORM, BLOCK)
@@ -527,12 +532,7 @@ def _scale_chunk(address, begin, end, coefficient, mode, DTYPE: tl.constexpr, CO
 def _scale_kernel(chunks_ptr, tensors_ptr, coefficient_ptr, COEFFICIENT_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     coefficient = tl.load(coefficient_ptr)
     if coefficient != 1.0:  # x * 1 == x for every x: skip the read and the write
-        chunk = tl.program_id(0).to(tl.int64)
-        address = tl.load(chunks_ptr + chunk * _CHUNK_COLUMNS)
-        begin = tl.load(chunks_ptr + chunk * _CHUNK_COLUMNS + 1)
-        end = tl.load(chunks_ptr + chunk * _CHUNK_COLUMNS + 2)
-        t = tl.load(chunks_ptr + chunk * _CHUNK_COLUMNS + 3)
-        dtype = tl.load(tensors_ptr + t * _TENSOR_COLUMNS + 1)
+        _, address, begin, end, t, dtype = _this_chunk(chunks_ptr, tensors_ptr)
         mode = tl.load(tensors_ptr + t * _TENSOR_COLUMNS + 4)
         if dtype == 0:
             _scale_chunk(address, begin, end, coefficient, mode, 0, COEFFICIENT_DTYPE, BLOCK)

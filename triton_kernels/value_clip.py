@@ -17,8 +17,6 @@ import triton
 import triton.language as tl
 
 from .clip import (
-    _CHUNK_COLUMNS,
-    _TENSOR_COLUMNS,
     INTERPRETING,
     _checked_total_dtype,
     _dense,
@@ -27,6 +25,7 @@ from .clip import (
     _load_math,
     _store_math,
     _tables_for,
+    _this_chunk,
     wrap_triton,
 )
 
@@ -51,12 +50,7 @@ def _clamp_chunk(address, begin, end, hi, DTYPE: tl.constexpr, BLOCK: tl.constex
 def _clamp_kernel(chunks_ptr, tensors_ptr, hi_f32_bits, hi_f16_bits, hi_bf16_bits, hi_f64_bits, BLOCK: tl.constexpr):
     """The upper bound of each dtype arrives as the bits of a float64 (lo is -hi); a small value's
     bits may be typed int32, hence the widening before the bitcast."""
-    chunk = tl.program_id(0).to(tl.int64)
-    address = tl.load(chunks_ptr + chunk * _CHUNK_COLUMNS)
-    begin = tl.load(chunks_ptr + chunk * _CHUNK_COLUMNS + 1)
-    end = tl.load(chunks_ptr + chunk * _CHUNK_COLUMNS + 2)
-    t = tl.load(chunks_ptr + chunk * _CHUNK_COLUMNS + 3)
-    dtype = tl.load(tensors_ptr + t * _TENSOR_COLUMNS + 1)
+    _, address, begin, end, _, dtype = _this_chunk(chunks_ptr, tensors_ptr)
     if dtype == 0:
         _clamp_chunk(address, begin, end, hi_f32_bits.to(tl.int64).to(tl.float64, bitcast=True).to(tl.float32),
                      0, BLOCK)
