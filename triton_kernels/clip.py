@@ -8,9 +8,8 @@ partials in a fixed order into its norm, rounded to the gradient's dtype as torc
 per-tensor norms, in the promoted dtype) and the clip coefficient with torch's two roundings, on the
 device. Launch 2 (``_scale_kernel``) reads the coefficient and returns at once when it is 1.
 
-Everything the kernels know about the gradients is a device-resident table of (address, size,
-dtype, ...) built once per set of gradients and cached, so a CUDA graph that captured the launches
-replays validly and the host never waits for the GPU.
+Everything the kernels know about the gradients is in the chunk tables of ``tables.py`` (built once
+per set of gradients and cached on the device); element access is ``elements.py``'s.
 
 This module knows nothing of fastclip's public API; it registers ``torch.ops.fastclip_triton.*`` as
 opaque custom ops that declare the gradients they write (``torch.compile(fullgraph=True)`` captures
@@ -26,144 +25,36 @@ which E5 forbids; fp64 sums are never further).
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import operator
-import os
-import struct
-import threading
 # The operators' signatures say typing.List: torch before 2.7 infers no schema from list[Tensor].
 from typing import List
 
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+from .elements import (
+    DTYPE_TAGS,
+    aligned_block_pointer,
+    float_bits,
+    load_block_math,
+    load_math,
+    round_f32_to,
+    store_block_math,
+    store_math,
+)
+from .tables import (
+    INTERPRETING,
+    TENSOR_COLUMNS,
+    checked_total_dtype,
+    dense_tensors,
+    device_guard,
+    tables_for,
+    this_chunk,
+    wrap_triton,
+)
 
-# Elements per chunk: one program's work, and the fixed unit in which partials are combined.
-CHUNK = 65536
-
-# dtype tags of the tables (the same as csrc/common/clip_types.h)
-DTYPE_TAGS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 # norm kinds (compile-time constants of the kernels)
 NORM_L2, NORM_L1, NORM_INF, NORM_P = 0, 1, 2, 3
-# How a gradient is multiplied by the coefficient, as torch's _foreach_mul_ does on each device:
-# CUDA reads the coefficient in the gradient's dtype; CPU converts it to the arithmetic type
-# (float, or double for fp64) exactly; a 0-dim gradient of another dtype than the coefficient is
-# multiplied in the promoted type on both (two 0-dim operands promote).
-SCALE_COEFFICIENT_IN_GRAD_DTYPE, SCALE_PROMOTED, SCALE_COEFFICIENT_IN_MATH_TYPE = 0, 1, 2
-
-# Columns of the tables (int64): chunks [address of the gradient, begin, end, gradient index];
-# tensors [address, dtype tag, first chunk, end chunk, scale mode].
-_CHUNK_COLUMNS = tl.constexpr(4)
-_TENSOR_COLUMNS = tl.constexpr(5)
-
-
-# ---------------------------------------------------------------------------------------------
-# Element helpers
-
-
-@triton.jit
-def _this_chunk(chunks_ptr, tensors_ptr):
-    """(chunk index, gradient address, begin, end, gradient index, dtype tag) of this program's chunk,
-    read from the tables: how every kernel that works chunk by chunk starts."""
-    chunk = tl.program_id(0).to(tl.int64)
-    row = chunks_ptr + chunk * _CHUNK_COLUMNS
-    t = tl.load(row + 3)
-    return chunk, tl.load(row), tl.load(row + 1), tl.load(row + 2), t, tl.load(tensors_ptr + t * _TENSOR_COLUMNS + 1)
-
-
-@triton.jit
-def _bf16_bits_to_f32(bits):
-    return (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _f32_to_bf16_bits(x):
-    # Round to nearest even like c10::BFloat16, every NaN to 0x7FC0. Written out because the
-    # interpreter's float->bf16 cast truncates.
-    bits = x.to(tl.uint32, bitcast=True)
-    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-    return tl.where(x != x, 0x7FC0, rounded).to(tl.uint16)
-
-
-@triton.jit
-def _round_f32_to(x, DTYPE: tl.constexpr):
-    """x (fp32) rounded to a dtype's precision, kept in fp32."""
-    if DTYPE == 1:
-        return x.to(tl.float16).to(tl.float32)
-    elif DTYPE == 2:
-        return _bf16_bits_to_f32(_f32_to_bf16_bits(x))
-    else:
-        return x
-
-
-@triton.jit
-def _load_math(address, offsets, mask, DTYPE: tl.constexpr):
-    """Elements of a gradient in its arithmetic type (fp32, or fp64 for fp64)."""
-    if DTYPE == 0:
-        return tl.load(address.to(tl.pointer_type(tl.float32)) + offsets, mask=mask, other=0.0)
-    elif DTYPE == 1:
-        return tl.load(address.to(tl.pointer_type(tl.float16)) + offsets, mask=mask, other=0.0).to(tl.float32)
-    elif DTYPE == 2:
-        return _bf16_bits_to_f32(tl.load(address.to(tl.pointer_type(tl.uint16)) + offsets, mask=mask, other=0))
-    else:
-        return tl.load(address.to(tl.pointer_type(tl.float64)) + offsets, mask=mask, other=0.0)
-
-
-@triton.jit
-def _aligned_block_pointer(address, begin, DTYPE: tl.constexpr):
-    """The pointer to element ``begin`` of a gradient at a 16-byte aligned ``address``, declared as
-    such (``tl.multiple_of``): with it and block offsets that are multiples of the block, the
-    compiler emits 16-byte vector loads, which it cannot prove from an address read from a table.
-    ``begin`` is a multiple of CHUNK, so the pointer stays aligned."""
-    if DTYPE == 0:
-        return tl.multiple_of(address.to(tl.pointer_type(tl.float32)) + begin, 16)
-    elif DTYPE == 1:
-        return tl.multiple_of(address.to(tl.pointer_type(tl.float16)) + begin, 16)
-    elif DTYPE == 2:
-        return tl.multiple_of(address.to(tl.pointer_type(tl.uint16)) + begin, 16)
-    else:
-        return tl.multiple_of(address.to(tl.pointer_type(tl.float64)) + begin, 16)
-
-
-@triton.jit
-def _load_block_math(pointer, offsets, DTYPE: tl.constexpr):
-    """A full block from a typed pointer, unmasked, in the arithmetic type (as _load_math)."""
-    if DTYPE == 1:
-        return tl.load(pointer + offsets).to(tl.float32)
-    elif DTYPE == 2:
-        return _bf16_bits_to_f32(tl.load(pointer + offsets))
-    else:
-        return tl.load(pointer + offsets)
-
-
-@triton.jit
-def _store_math(address, offsets, mask, value, DTYPE: tl.constexpr):
-    """Stores arithmetic-type values into a gradient, rounding like c10 (doubles via float)."""
-    if DTYPE == 0:
-        tl.store(address.to(tl.pointer_type(tl.float32)) + offsets, value.to(tl.float32), mask=mask)
-    elif DTYPE == 1:
-        tl.store(address.to(tl.pointer_type(tl.float16)) + offsets, value.to(tl.float32).to(tl.float16), mask=mask)
-    elif DTYPE == 2:
-        tl.store(address.to(tl.pointer_type(tl.uint16)) + offsets, _f32_to_bf16_bits(value.to(tl.float32)), mask=mask)
-    else:
-        tl.store(address.to(tl.pointer_type(tl.float64)) + offsets, value.to(tl.float64), mask=mask)
-
-
-@triton.jit
-def _store_block_math(pointer, offsets, value, DTYPE: tl.constexpr):
-    """_store_math of a full block through a typed (aligned) pointer, unmasked."""
-    if DTYPE == 0:
-        tl.store(pointer + offsets, value.to(tl.float32))
-    elif DTYPE == 1:
-        tl.store(pointer + offsets, value.to(tl.float32).to(tl.float16))
-    elif DTYPE == 2:
-        tl.store(pointer + offsets, _f32_to_bf16_bits(value.to(tl.float32)))
-    else:
-        tl.store(pointer + offsets, value.to(tl.float64))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,13 +124,13 @@ def _single_element(address, dtype):
     """The first element of a gradient, as fp64."""
     offsets = tl.arange(0, 1).to(tl.int64)
     if dtype == 0:
-        x = _load_math(address, offsets, offsets < 1, 0).to(tl.float64)
+        x = load_math(address, offsets, offsets < 1, 0).to(tl.float64)
     elif dtype == 1:
-        x = _load_math(address, offsets, offsets < 1, 1).to(tl.float64)
+        x = load_math(address, offsets, offsets < 1, 1).to(tl.float64)
     elif dtype == 2:
-        x = _load_math(address, offsets, offsets < 1, 2).to(tl.float64)
+        x = load_math(address, offsets, offsets < 1, 2).to(tl.float64)
     else:
-        x = _load_math(address, offsets, offsets < 1, 3)
+        x = load_math(address, offsets, offsets < 1, 3)
     return tl.sum(x, axis=0)
 
 
@@ -274,17 +165,17 @@ def _chunk_partial(address, begin, end, p, DTYPE: tl.constexpr, NORM: tl.constex
     full_blocks = (end - begin) // BLOCK
     full_end = begin + full_blocks * BLOCK
     if address % 16 == 0:
-        pointer = _aligned_block_pointer(address, begin, DTYPE)
+        pointer = aligned_block_pointer(address, begin, DTYPE)
         for block in range(0, full_blocks):
             offsets = block * BLOCK + tl.arange(0, BLOCK)
-            acc = _accumulate(acc, _load_block_math(pointer, offsets, DTYPE).to(acc.dtype), p, NORM)
+            acc = _accumulate(acc, load_block_math(pointer, offsets, DTYPE).to(acc.dtype), p, NORM)
     else:
         for start in range(begin, full_end, BLOCK):
             offsets = start + tl.arange(0, BLOCK).to(tl.int64)
-            acc = _accumulate(acc, _load_math(address, offsets, offsets < end, DTYPE).to(acc.dtype), p, NORM)
+            acc = _accumulate(acc, load_math(address, offsets, offsets < end, DTYPE).to(acc.dtype), p, NORM)
     for start in range(full_end, end, BLOCK):
         offsets = start + tl.arange(0, BLOCK).to(tl.int64)
-        acc = _accumulate(acc, _load_math(address, offsets, offsets < end, DTYPE).to(acc.dtype), p, NORM)
+        acc = _accumulate(acc, load_math(address, offsets, offsets < end, DTYPE).to(acc.dtype), p, NORM)
     return _reduce(acc, NORM).to(tl.float64)
 
 
@@ -314,7 +205,7 @@ def _scaled_chunk_partial(address, begin, end, p, DTYPE: tl.constexpr, NORM: tl.
     acc = tl.zeros([BLOCK], dtype=tl.float64)
     for start in range(begin, end, BLOCK):
         offsets = start + tl.arange(0, BLOCK).to(tl.int64)
-        acc = _accumulate(acc, _load_math(address, offsets, offsets < end, DTYPE).to(tl.float64) * scale, p, NORM)
+        acc = _accumulate(acc, load_math(address, offsets, offsets < end, DTYPE).to(tl.float64) * scale, p, NORM)
     finite = largest < float("inf")  # false for NaN too
     return tl.where(finite, _reduce(acc, NORM), largest), tl.where(finite, exponent, _NON_FINITE_EXPONENT)
 
@@ -378,7 +269,7 @@ def _tensor_norm(partials_ptr, first, last, p, DTYPE: tl.constexpr, NORM: tl.con
     if DTYPE == 3:
         return norm
     else:
-        return _round_f32_to(norm, DTYPE).to(tl.float64)
+        return round_f32_to(norm, DTYPE).to(tl.float64)
 
 
 @triton.jit
@@ -393,8 +284,8 @@ def _finalize_total(tensors_ptr, tensor_norms_ptr, total_ptr, coefficient_ptr, n
     for start in range(0, num_tensors, BLOCK):
         t = start + tl.arange(0, BLOCK).to(tl.int64)
         in_range = t < num_tensors
-        first = tl.load(tensors_ptr + t * _TENSOR_COLUMNS + 2, mask=in_range, other=0)
-        last = tl.load(tensors_ptr + t * _TENSOR_COLUMNS + 3, mask=in_range, other=0)
+        first = tl.load(tensors_ptr + t * TENSOR_COLUMNS + 2, mask=in_range, other=0)
+        last = tl.load(tensors_ptr + t * TENSOR_COLUMNS + 3, mask=in_range, other=0)
         norms = tl.load(tensor_norms_ptr + t, mask=in_range, other=0.0, cache_modifier=".cg")
         norms = tl.where(last > first, norms, 0.0)  # an empty gradient's norm is 0 (never written)
         acc = _accumulate(acc, norms.to(acc.dtype), p, NORM)
@@ -402,7 +293,7 @@ def _finalize_total(tensors_ptr, tensor_norms_ptr, total_ptr, coefficient_ptr, n
     if CPU_RULES and num_tensors == 1:
         total = tl.abs(tl.load(tensor_norms_ptr, cache_modifier=".cg")).to(total.dtype)
     if TOTAL_DTYPE != 3:
-        total = _round_f32_to(total, TOTAL_DTYPE)
+        total = round_f32_to(total, TOTAL_DTYPE)
     tl.store(total_ptr, total.to(total_ptr.dtype.element_ty))
     tl.store(coefficient_ptr, _clip_coefficient(total, max_norm, TOTAL_DTYPE))
 
@@ -416,9 +307,9 @@ def _clip_coefficient(total, max_norm, TOTAL_DTYPE: tl.constexpr):
     if TOTAL_DTYPE == 3:
         coefficient = (1.0 / (total.to(tl.float64) + 1e-6)) * max_norm
     else:
-        shifted = _round_f32_to(total.to(tl.float32) + 1e-6, TOTAL_DTYPE)
-        reciprocal = _round_f32_to(tl.math.div_rn(1.0, shifted), TOTAL_DTYPE)
-        coefficient = _round_f32_to(reciprocal * max_norm.to(tl.float32), TOTAL_DTYPE).to(tl.float64)
+        shifted = round_f32_to(total.to(tl.float32) + 1e-6, TOTAL_DTYPE)
+        reciprocal = round_f32_to(tl.math.div_rn(1.0, shifted), TOTAL_DTYPE)
+        coefficient = round_f32_to(reciprocal * max_norm.to(tl.float32), TOTAL_DTYPE).to(tl.float64)
     return tl.where(coefficient > 1.0, 1.0, coefficient)
 
 
@@ -432,7 +323,7 @@ def _norm_kernel(chunks_ptr, tensors_ptr, partials_ptr, tensor_norms_ptr, counte
     """Launch 1. With SAFE (the overflow-safe norm; never with the inf norm, which needs no
     scaling) partials are (sum, exponent) pairs and tensor_norms holds each gradient's combined
     sum, not its norm."""
-    chunk, address, begin, end, t, dtype = _this_chunk(chunks_ptr, tensors_ptr)
+    chunk, address, begin, end, t, dtype = this_chunk(chunks_ptr, tensors_ptr)
     p = p_bits.to(tl.float64, bitcast=True)
     if SAFE:
         if dtype == 0:
@@ -458,8 +349,8 @@ def _norm_kernel(chunks_ptr, tensors_ptr, partials_ptr, tensor_norms_ptr, counte
     # partials' stores before the count and the count before the loads of the last program.
     if BARRIER:
         tl.debug_barrier()
-    first = tl.load(tensors_ptr + t * _TENSOR_COLUMNS + 2)
-    last = tl.load(tensors_ptr + t * _TENSOR_COLUMNS + 3)
+    first = tl.load(tensors_ptr + t * TENSOR_COLUMNS + 2)
+    last = tl.load(tensors_ptr + t * TENSOR_COLUMNS + 3)
     arrived = tl.atomic_add(counters_ptr + t, 1, sem="acq_rel")
     if arrived == last - first - 1:
         if SAFE:
@@ -501,7 +392,7 @@ def _scaled(x, coefficient, mode, DTYPE: tl.constexpr, COEFFICIENT_DTYPE: tl.con
         return x * coefficient  # fp64 arithmetic; a coefficient of any dtype converts exactly
     else:
         c32 = coefficient.to(tl.float32)
-        y = x * tl.where(mode == 0, _round_f32_to(c32, DTYPE), c32)
+        y = x * tl.where(mode == 0, round_f32_to(c32, DTYPE), c32)
         if COEFFICIENT_DTYPE == 3:  # a 0-dim gradient with an fp64 coefficient: double arithmetic
             y = tl.where(mode == 1, (x.to(tl.float64) * coefficient).to(tl.float32), y)
         return y
@@ -514,26 +405,26 @@ def _scale_chunk(address, begin, end, coefficient, mode, DTYPE: tl.constexpr, CO
     # (16-byte vector loads and stores), the rest masked. Elementwise: the path changes no bits.
     start = begin
     if address % 16 == 0:
-        pointer = _aligned_block_pointer(address, begin, DTYPE)
+        pointer = aligned_block_pointer(address, begin, DTYPE)
         full_blocks = (end - begin) // BLOCK
         for block in range(0, full_blocks):
             offsets = block * BLOCK + tl.arange(0, BLOCK)
-            x = _load_block_math(pointer, offsets, DTYPE)
-            _store_block_math(pointer, offsets, _scaled(x, coefficient, mode, DTYPE, COEFFICIENT_DTYPE), DTYPE)
+            x = load_block_math(pointer, offsets, DTYPE)
+            store_block_math(pointer, offsets, _scaled(x, coefficient, mode, DTYPE, COEFFICIENT_DTYPE), DTYPE)
         start = begin + full_blocks * BLOCK
     for block_start in range(start, end, BLOCK):
         offsets = block_start + tl.arange(0, BLOCK).to(tl.int64)
         mask = offsets < end
-        x = _load_math(address, offsets, mask, DTYPE)
-        _store_math(address, offsets, mask, _scaled(x, coefficient, mode, DTYPE, COEFFICIENT_DTYPE), DTYPE)
+        x = load_math(address, offsets, mask, DTYPE)
+        store_math(address, offsets, mask, _scaled(x, coefficient, mode, DTYPE, COEFFICIENT_DTYPE), DTYPE)
 
 
 @triton.jit
 def _scale_kernel(chunks_ptr, tensors_ptr, coefficient_ptr, COEFFICIENT_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     coefficient = tl.load(coefficient_ptr)
     if coefficient != 1.0:  # x * 1 == x for every x: skip the read and the write
-        _, address, begin, end, t, dtype = _this_chunk(chunks_ptr, tensors_ptr)
-        mode = tl.load(tensors_ptr + t * _TENSOR_COLUMNS + 4)
+        _, address, begin, end, t, dtype = this_chunk(chunks_ptr, tensors_ptr)
+        mode = tl.load(tensors_ptr + t * TENSOR_COLUMNS + 4)
         if dtype == 0:
             _scale_chunk(address, begin, end, coefficient, mode, 0, COEFFICIENT_DTYPE, BLOCK)
         elif dtype == 1:
@@ -561,131 +452,6 @@ _NORM_CONFIG = {"BLOCK": 4096, "num_warps": 8}
 _SCALE_BLOCK, _SCALE_WARPS = (4096 if INTERPRETING else 2048), 8
 
 
-def _wraps_interpreted_kernels() -> bool:
-    try:
-        torch.library.wrap_triton(_scale_kernel)
-    except RuntimeError:  # "wrap_triton only works on functions annotated with triton.jit ..."
-        return False
-    return True
-
-
-# Every launch goes through wrap_triton, which lets torch.compile trace it. torch before 2.7 refuses
-# the interpreter's kernels, which are never compiled anyway: under the interpreter there, launch
-# them directly.
-if INTERPRETING and not _wraps_interpreted_kernels():
-    def wrap_triton(kernel):
-        return kernel
-
-
-# ---------------------------------------------------------------------------------------------
-# Tables: built on the host once per set of gradients, cached on the device
-
-
-class _TableCache:
-    """Device tables keyed by the gradients' (address, size, dtype, scale mode) and device.
-
-    Entries used while a CUDA stream is being captured are never evicted, so the graph stays valid.
-    """
-
-    def __init__(self, capacity: int = 64):
-        self.capacity = capacity
-        self.entries: dict[tuple, tuple] = {}
-        self.pinned: set[tuple] = set()
-        self.lock = threading.Lock()
-
-    def get(self, key: tuple, build) -> tuple:
-        with self.lock:
-            entry = self.entries.get(key)
-            if entry is None:
-                while len(self.entries) >= self.capacity and len(self.pinned) < len(self.entries):
-                    oldest = next(k for k in self.entries if k not in self.pinned)
-                    del self.entries[oldest]
-                entry = self.entries[key] = build()
-            if key[-1].type == "cuda" and torch.cuda.is_current_stream_capturing():
-                self.pinned.add(key)
-            return entry
-
-
-_tables = _TableCache()
-
-
-def _scale_mode(t: torch.Tensor, coefficient_dtype: torch.dtype) -> int:
-    if t.dim() == 0 and t.dtype != coefficient_dtype:
-        return SCALE_PROMOTED
-    return SCALE_COEFFICIENT_IN_GRAD_DTYPE if t.device.type == "cuda" else SCALE_COEFFICIENT_IN_MATH_TYPE
-
-
-def _tables_for(tensors: list[torch.Tensor], coefficient_dtype: torch.dtype, numels: list[int]):
-    """(chunk table, tensor table, number of chunks) for dense tensors with these numels, cached."""
-    chunks, table = torch.ops.fastclip_triton.gradient_tables(tensors, DTYPE_TAGS[coefficient_dtype])
-    return chunks, table, (chunks.shape[0] if any(numels) else 0)
-
-
-# Reading addresses is opaque to torch.compile (a traced tensor has none), so the tables come from
-# a custom op: traced code calls it at run time, and its fake version gives the shapes.
-@torch.library.custom_op("fastclip_triton::gradient_tables", mutates_args=())
-def gradient_tables(tensors: List[torch.Tensor], coefficient_dtype_tag: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The device tables of dense ``tensors``: chunks and tensors (see _CHUNK_COLUMNS, _TENSOR_COLUMNS)."""
-    coefficient_dtype = next(d for d, tag in DTYPE_TAGS.items() if tag == coefficient_dtype_tag)
-    device = tensors[0].device
-    rows = tuple((t.data_ptr(), t.numel(), DTYPE_TAGS[t.dtype], _scale_mode(t, coefficient_dtype)) for t in tensors)
-
-    def build():
-        chunk_rows, tensor_rows = [], []
-        for index, (address, numel, tag, mode) in enumerate(rows):
-            first = len(chunk_rows)
-            chunk_rows += [(address, b, min(b + CHUNK, numel), index) for b in range(0, numel, CHUNK)]
-            tensor_rows.append((address, tag, first, len(chunk_rows), mode))
-        host = [torch.tensor(chunk_rows or [(0, 0, 0, 0)], dtype=torch.int64), torch.tensor(tensor_rows, dtype=torch.int64)]
-        if device.type == "cuda":  # stream-ordered copies from pinned memory: no host wait
-            host = [h.pin_memory() for h in host]
-        on_device = [h.to(device, non_blocking=True) for h in host]
-        # The host copies stay referenced: a graph that captured the upload copies from them again.
-        return on_device[0], on_device[1], host
-
-    chunks, table, _ = _tables.get((rows, device), build)
-    return chunks, table
-
-
-@gradient_tables.register_fake
-def _(tensors, coefficient_dtype_tag):
-    num_chunks = sum((t.numel() + CHUNK - 1) // CHUNK for t in tensors)
-    device = tensors[0].device
-    return (torch.empty((max(num_chunks, 1), _CHUNK_COLUMNS.value), dtype=torch.int64, device=device),
-            torch.empty((len(tensors), _TENSOR_COLUMNS.value), dtype=torch.int64, device=device))
-
-
-def _is_non_overlapping_and_dense(t: torch.Tensor) -> bool:
-    """Whether t's elements fill one span of memory exactly once, in some order (contiguous,
-    transposed, channels-last...): the dimensions sorted by stride must pack without gaps."""
-    expected_stride = 1
-    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
-        if stride != expected_stride:
-            return False
-        expected_stride *= size
-    return True
-
-
-def _dense(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Tensors the kernels can address as one flat span (non-overlapping and dense), copying the
-    others; returns (dense tensors, (original, copy) pairs to write back after scaling)."""
-    dense, copies = [], []
-    for t in tensors:
-        if t.is_contiguous() or _is_non_overlapping_and_dense(t):
-            dense.append(t)
-        else:
-            c = t.contiguous()
-            dense.append(c)
-            copies.append((t, c))
-    return dense, copies
-
-
-def _float_bits(value: float) -> int:
-    """A float64 as the int64 with its bits: Triton passes Python floats as fp32, so doubles travel
-    as integers and are bitcast back in the kernel."""
-    return struct.unpack("<q", struct.pack("<d", value))[0]
-
-
 def _norm_kind(norm_type: float) -> int:
     if norm_type == 2.0:
         return NORM_L2
@@ -696,21 +462,6 @@ def _norm_kind(norm_type: float) -> int:
     if norm_type > 0 and norm_type != float("inf") and norm_type == norm_type:
         return NORM_P
     raise ValueError(f"fastclip_triton: norm_type {norm_type} has no kernel (only p > 0 and inf)")
-
-
-def _checked_total_dtype(tensors: list[torch.Tensor], what: str) -> torch.dtype:
-    """Checks that the kernels can serve ``tensors`` (one device, float dtypes, strided) and returns
-    the total norm's dtype, the promotion of theirs. Sets built in C: this runs on every call."""
-    if not tensors:
-        raise ValueError(f"fastclip_triton: {what} needs at least one tensor")
-    devices = set(map(operator.attrgetter("device"), tensors))
-    if len(devices) > 1:
-        raise ValueError(f"fastclip_triton: expected the tensors on one device, got {sorted(map(str, devices))}")
-    dtypes = set(map(operator.attrgetter("dtype"), tensors))
-    layouts = set(map(operator.attrgetter("layout"), tensors))
-    if not dtypes <= DTYPE_TAGS.keys() or layouts != {torch.strided}:
-        raise ValueError(f"fastclip_triton: no kernel for {sorted(map(str, dtypes))} / {sorted(map(str, layouts))} tensors")
-    return functools.reduce(torch.promote_types, dtypes)
 
 
 def _run_norm(tensors: list[torch.Tensor], norm_type: float, max_norm: float, total_dtype: torch.dtype,
@@ -727,7 +478,7 @@ def _run_norm(tensors: list[torch.Tensor], norm_type: float, max_norm: float, to
             "have an identity"
         )
     device = tensors[0].device
-    chunks, table, num_chunks = _tables_for(tensors, total_dtype, numels)
+    chunks, table, num_chunks = tables_for(tensors, total_dtype, numels)
     total = torch.empty((), dtype=total_dtype, device=device)
     coefficient = torch.empty((), dtype=torch.float64, device=device)
     if num_chunks == 0:  # only empty tensors: norm 0, coefficient min(max_norm / 1e-6, 1) = 1
@@ -746,7 +497,7 @@ def _run_norm(tensors: list[torch.Tensor], norm_type: float, max_norm: float, to
         partial_exponents = tensor_exponents = counters  # not read
     wrap_triton(_norm_kernel)[(num_chunks,)](
         chunks, table, partials, tensor_norms, counters, total, coefficient, partial_exponents, tensor_exponents,
-        len(tensors), len(numels) - numels.count(0), _float_bits(float(norm_type)), _float_bits(float(max_norm)),
+        len(tensors), len(numels) - numels.count(0), float_bits(float(norm_type)), float_bits(float(max_norm)),
         sum(numels), NORM=kind, TOTAL_DTYPE=DTYPE_TAGS[total_dtype], CPU_RULES=device.type == "cpu", SAFE=safe,
         BARRIER=not INTERPRETING, enable_fp_fusion=True,  # fused multiply-adds in the sums: fine for E5
         **_NORM_CONFIG,
@@ -764,14 +515,9 @@ def _run_scale(tables, coefficient: torch.Tensor, coefficient_dtype: torch.dtype
         )
 
 
-def _device_guard(device: torch.device):
-    """Launch on the tensors' GPU, not the current one: Triton launches on the current device."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def _total_dtype(tensors: list[torch.Tensor], what: str, overflow_safe: bool) -> torch.dtype:
     """The total norm's dtype: torch's, widened to at least fp32 for the overflow-safe norm."""
-    dtype = _checked_total_dtype(tensors, what)
+    dtype = checked_total_dtype(tensors, what)
     return torch.promote_types(dtype, torch.float32) if overflow_safe else dtype
 
 
@@ -780,8 +526,8 @@ def total_norm(tensors: List[torch.Tensor], norm_type: float, overflow_safe: boo
     """The total ``norm_type``-norm of ``tensors``, in the promoted dtype, as torch computes it;
     or the overflow-safe norm of all their elements (see _scaled_chunk_partial)."""
     total_dtype = _total_dtype(tensors, "total_norm", overflow_safe)
-    dense, _ = _dense(tensors)
-    with _device_guard(tensors[0].device):
+    dense, _ = dense_tensors(tensors)
+    with device_guard(tensors[0].device):
         total, _, _ = _run_norm(dense, norm_type, 1.0, total_dtype, overflow_safe)
     return total
 
@@ -790,9 +536,9 @@ def _clip(grads: list[torch.Tensor], max_norm: float, norm_type: float, overflow
           with_tensor_norms: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Both launches of a clip; returns the total norm and, if asked, the per-tensor norms."""
     total_dtype = _total_dtype(grads, what, overflow_safe)
-    dense, copies = _dense(grads)
+    dense, copies = dense_tensors(grads)
     tensor_norms = torch.zeros(len(grads), dtype=torch.float64, device=grads[0].device) if with_tensor_norms else None
-    with _device_guard(grads[0].device):
+    with device_guard(grads[0].device):
         total, coefficient, tables = _run_norm(dense, norm_type, max_norm, total_dtype, overflow_safe, tensor_norms)
         _run_scale(tables, coefficient, total_dtype)
     for original, copy in copies:  # whether anything was scaled is known only on the device
@@ -817,16 +563,16 @@ def clip_with_tensor_norms_(grads: List[torch.Tensor], max_norm: float,
 @torch.library.custom_op("fastclip_triton::scale_with_norm_", mutates_args={"grads"})
 def scale_with_norm_(grads: List[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> None:
     """Scales ``grads`` in place by ``min(max_norm / (total_norm + 1e-6), 1)`` (two launches)."""
-    _checked_total_dtype(grads, "scale_with_norm_")
+    checked_total_dtype(grads, "scale_with_norm_")
     if total_norm.numel() != 1 or total_norm.dtype not in DTYPE_TAGS:
         raise ValueError("fastclip_triton: total_norm must be a one-element float tensor")
-    dense, copies = _dense(grads)
+    dense, copies = dense_tensors(grads)
     total = total_norm.reshape(()).to(grads[0].device)
     coefficient = torch.empty((), dtype=torch.float64, device=grads[0].device)
-    with _device_guard(grads[0].device):
-        wrap_triton(_coefficient_kernel)[(1,)](total, coefficient, _float_bits(float(max_norm)),
+    with device_guard(grads[0].device):
+        wrap_triton(_coefficient_kernel)[(1,)](total, coefficient, float_bits(float(max_norm)),
                                               TOTAL_DTYPE=DTYPE_TAGS[total.dtype], enable_fp_fusion=False)
-        _run_scale(_tables_for(dense, total.dtype, list(map(torch.Tensor.numel, dense))), coefficient, total.dtype)
+        _run_scale(tables_for(dense, total.dtype, list(map(torch.Tensor.numel, dense))), coefficient, total.dtype)
     for original, copy in copies:
         original.copy_(copy)
 
@@ -850,4 +596,4 @@ def _(grads, max_norm, norm_type):
 
 @scale_with_norm_.register_fake
 def _(grads, max_norm, total_norm):
-    _checked_total_dtype(grads, "scale_with_norm_")
+    checked_total_dtype(grads, "scale_with_norm_")

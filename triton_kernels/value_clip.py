@@ -16,18 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .clip import (
-    INTERPRETING,
-    _checked_total_dtype,
-    _dense,
-    _device_guard,
-    _float_bits,
-    _load_math,
-    _store_math,
-    _tables_for,
-    _this_chunk,
-    wrap_triton,
-)
+from .elements import float_bits, load_math, store_math
+from .tables import INTERPRETING, checked_total_dtype, dense_tensors, device_guard, tables_for, this_chunk, wrap_triton
 
 # Each program clamps a chunk in BLOCK-wide steps; like the scale kernel's (clip.py), one fixed
 # configuration: the kernel writes the gradients, so it cannot be benchmarked in place.
@@ -40,17 +30,17 @@ def _clamp_chunk(address, begin, end, hi, DTYPE: tl.constexpr, BLOCK: tl.constex
     for start in range(begin, end, BLOCK):
         offsets = start + tl.arange(0, BLOCK).to(tl.int64)
         mask = offsets < end
-        x = _load_math(address, offsets, mask, DTYPE)
+        x = load_math(address, offsets, mask, DTYPE)
         y = tl.where(x < lo, lo, x)
         y = tl.where(y > hi, hi, y)
-        _store_math(address, offsets, mask & (y != x) & (x == x), y, DTYPE)
+        store_math(address, offsets, mask & (y != x) & (x == x), y, DTYPE)
 
 
 @triton.jit(do_not_specialize=["hi_f32_bits", "hi_f16_bits", "hi_bf16_bits", "hi_f64_bits"])
 def _clamp_kernel(chunks_ptr, tensors_ptr, hi_f32_bits, hi_f16_bits, hi_bf16_bits, hi_f64_bits, BLOCK: tl.constexpr):
     """The upper bound of each dtype arrives as the bits of a float64 (lo is -hi); a small value's
     bits may be typed int32, hence the widening before the bitcast."""
-    _, address, begin, end, _, dtype = _this_chunk(chunks_ptr, tensors_ptr)
+    _, address, begin, end, _, dtype = this_chunk(chunks_ptr, tensors_ptr)
     if dtype == 0:
         _clamp_chunk(address, begin, end, hi_f32_bits.to(tl.int64).to(tl.float64, bitcast=True).to(tl.float32),
                      0, BLOCK)
@@ -69,20 +59,20 @@ def _bound_bits(clip_value: float, dtype: torch.dtype) -> int:
     ATen converts a Scalar), as float64 bits. Every value of these dtypes is exact in float64."""
     if dtype != torch.float64:
         clip_value = torch.tensor(clip_value, dtype=torch.float64).to(torch.float32).to(dtype).item()
-    return _float_bits(float(clip_value))
+    return float_bits(float(clip_value))
 
 
 @torch.library.custom_op("fastclip_triton::clamp_values_", mutates_args={"grads"})
 def clamp_values_(grads: List[torch.Tensor], clip_value: float) -> None:
     """Clamps every element of ``grads`` in place to ``[-clip_value, clip_value]`` (one launch)."""
-    _checked_total_dtype(grads, "clamp_values_")
+    checked_total_dtype(grads, "clamp_values_")
     if not clip_value >= 0:
         raise ValueError(f"fastclip_triton: clip_value must be >= 0, got {clip_value}")
-    dense, copies = _dense(grads)
-    chunks, table, num_chunks = _tables_for(dense, torch.float32, list(map(torch.Tensor.numel, dense)))
+    dense, copies = dense_tensors(grads)
+    chunks, table, num_chunks = tables_for(dense, torch.float32, list(map(torch.Tensor.numel, dense)))
     bounds = [_bound_bits(clip_value, d) for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64)]
     if num_chunks:
-        with _device_guard(grads[0].device):
+        with device_guard(grads[0].device):
             wrap_triton(_clamp_kernel)[(num_chunks,)](chunks, table, *bounds, BLOCK=_CLAMP_BLOCK,
                                                       num_warps=_CLAMP_WARPS)
     for original, copy in copies:
@@ -91,4 +81,4 @@ def clamp_values_(grads: List[torch.Tensor], clip_value: float) -> None:
 
 @clamp_values_.register_fake
 def _(grads, clip_value):
-    _checked_total_dtype(grads, "clamp_values_")
+    checked_total_dtype(grads, "clamp_values_")

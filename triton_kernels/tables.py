@@ -1,0 +1,186 @@
+"""Chunk tables: how every Triton kernel family finds the gradients it works on.
+
+A set of gradients becomes two device-resident int64 tables, built on the host once per set and
+cached: one row per chunk of ``CHUNK`` elements of one gradient (one program's work) and one row per
+gradient. A CUDA graph that captured a launch replays validly because the tables stay where they
+were, and the host never waits for the GPU to read them. Also here: what every launch needs around
+it (the device guard, ``wrap_triton``, dense copies of gradients that are not).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import operator
+import os
+import threading
+# The operators' signatures say typing.List: torch before 2.7 infers no schema from list[Tensor].
+from typing import List
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from .elements import DTYPE_TAGS
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
+# Elements per chunk: one program's work, and the fixed unit in which partials are combined.
+CHUNK = 65536
+
+# How a gradient is multiplied by the coefficient, as torch's _foreach_mul_ does on each device:
+# CUDA reads the coefficient in the gradient's dtype; CPU converts it to the arithmetic type
+# (float, or double for fp64) exactly; a 0-dim gradient of another dtype than the coefficient is
+# multiplied in the promoted type on both (two 0-dim operands promote).
+SCALE_COEFFICIENT_IN_GRAD_DTYPE, SCALE_PROMOTED, SCALE_COEFFICIENT_IN_MATH_TYPE = 0, 1, 2
+
+# Columns of the tables (int64): chunks [address of the gradient, begin, end, gradient index];
+# tensors [address, dtype tag, first chunk, end chunk, scale mode].
+CHUNK_COLUMNS = tl.constexpr(4)
+TENSOR_COLUMNS = tl.constexpr(5)
+
+
+@triton.jit
+def this_chunk(chunks_ptr, tensors_ptr):
+    """(chunk index, gradient address, begin, end, gradient index, dtype tag) of this program's chunk,
+    read from the tables: how every kernel that works chunk by chunk starts."""
+    chunk = tl.program_id(0).to(tl.int64)
+    row = chunks_ptr + chunk * CHUNK_COLUMNS
+    t = tl.load(row + 3)
+    return chunk, tl.load(row), tl.load(row + 1), tl.load(row + 2), t, tl.load(tensors_ptr + t * TENSOR_COLUMNS + 1)
+
+
+def _wraps_interpreted_kernels() -> bool:
+    try:
+        torch.library.wrap_triton(this_chunk)
+    except RuntimeError:  # "wrap_triton only works on functions annotated with triton.jit ..."
+        return False
+    return True
+
+
+# Every launch goes through wrap_triton, which lets torch.compile trace it. torch before 2.7 refuses
+# the interpreter's kernels, which are never compiled anyway: under the interpreter there, launch
+# them directly.
+if INTERPRETING and not _wraps_interpreted_kernels():
+    def wrap_triton(kernel):
+        return kernel
+
+
+class _TableCache:
+    """Device tables keyed by the gradients' (address, size, dtype, scale mode) and device.
+
+    Entries used while a CUDA stream is being captured are never evicted, so the graph stays valid.
+    """
+
+    def __init__(self, capacity: int = 64):
+        self.capacity = capacity
+        self.entries: dict[tuple, tuple] = {}
+        self.pinned: set[tuple] = set()
+        self.lock = threading.Lock()
+
+    def get(self, key: tuple, build) -> tuple:
+        with self.lock:
+            entry = self.entries.get(key)
+            if entry is None:
+                while len(self.entries) >= self.capacity and len(self.pinned) < len(self.entries):
+                    oldest = next(k for k in self.entries if k not in self.pinned)
+                    del self.entries[oldest]
+                entry = self.entries[key] = build()
+            if key[-1].type == "cuda" and torch.cuda.is_current_stream_capturing():
+                self.pinned.add(key)
+            return entry
+
+
+_tables = _TableCache()
+
+
+def _scale_mode(t: torch.Tensor, coefficient_dtype: torch.dtype) -> int:
+    if t.dim() == 0 and t.dtype != coefficient_dtype:
+        return SCALE_PROMOTED
+    return SCALE_COEFFICIENT_IN_GRAD_DTYPE if t.device.type == "cuda" else SCALE_COEFFICIENT_IN_MATH_TYPE
+
+
+def tables_for(tensors: list[torch.Tensor], coefficient_dtype: torch.dtype, numels: list[int]):
+    """(chunk table, tensor table, number of chunks) for dense tensors with these numels, cached."""
+    chunks, table = torch.ops.fastclip_triton.gradient_tables(tensors, DTYPE_TAGS[coefficient_dtype])
+    return chunks, table, (chunks.shape[0] if any(numels) else 0)
+
+
+# Reading addresses is opaque to torch.compile (a traced tensor has none), so the tables come from
+# a custom op: traced code calls it at run time, and its fake version gives the shapes.
+@torch.library.custom_op("fastclip_triton::gradient_tables", mutates_args=())
+def gradient_tables(tensors: List[torch.Tensor], coefficient_dtype_tag: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The device tables of dense ``tensors``: chunks and tensors (see CHUNK_COLUMNS, TENSOR_COLUMNS)."""
+    coefficient_dtype = next(d for d, tag in DTYPE_TAGS.items() if tag == coefficient_dtype_tag)
+    device = tensors[0].device
+    rows = tuple((t.data_ptr(), t.numel(), DTYPE_TAGS[t.dtype], _scale_mode(t, coefficient_dtype)) for t in tensors)
+
+    def build():
+        chunk_rows, tensor_rows = [], []
+        for index, (address, numel, tag, mode) in enumerate(rows):
+            first = len(chunk_rows)
+            chunk_rows += [(address, b, min(b + CHUNK, numel), index) for b in range(0, numel, CHUNK)]
+            tensor_rows.append((address, tag, first, len(chunk_rows), mode))
+        host = [torch.tensor(chunk_rows or [(0, 0, 0, 0)], dtype=torch.int64), torch.tensor(tensor_rows, dtype=torch.int64)]
+        if device.type == "cuda":  # stream-ordered copies from pinned memory: no host wait
+            host = [h.pin_memory() for h in host]
+        on_device = [h.to(device, non_blocking=True) for h in host]
+        # The host copies stay referenced: a graph that captured the upload copies from them again.
+        return on_device[0], on_device[1], host
+
+    chunks, table, _ = _tables.get((rows, device), build)
+    return chunks, table
+
+
+@gradient_tables.register_fake
+def _(tensors, coefficient_dtype_tag):
+    num_chunks = sum((t.numel() + CHUNK - 1) // CHUNK for t in tensors)
+    device = tensors[0].device
+    return (torch.empty((max(num_chunks, 1), CHUNK_COLUMNS.value), dtype=torch.int64, device=device),
+            torch.empty((len(tensors), TENSOR_COLUMNS.value), dtype=torch.int64, device=device))
+
+
+def _is_non_overlapping_and_dense(t: torch.Tensor) -> bool:
+    """Whether t's elements fill one span of memory exactly once, in some order (contiguous,
+    transposed, channels-last...): the dimensions sorted by stride must pack without gaps."""
+    expected_stride = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
+        if stride != expected_stride:
+            return False
+        expected_stride *= size
+    return True
+
+
+def dense_tensors(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Tensors the kernels can address as one flat span (non-overlapping and dense), copying the
+    others; returns (dense tensors, (original, copy) pairs to write back after scaling)."""
+    dense, copies = [], []
+    for t in tensors:
+        if t.is_contiguous() or _is_non_overlapping_and_dense(t):
+            dense.append(t)
+        else:
+            c = t.contiguous()
+            dense.append(c)
+            copies.append((t, c))
+    return dense, copies
+
+
+def checked_total_dtype(tensors: list[torch.Tensor], what: str) -> torch.dtype:
+    """Checks that the kernels can serve ``tensors`` (one device, float dtypes, strided) and returns
+    the total norm's dtype, the promotion of theirs. Sets built in C: this runs on every call."""
+    if not tensors:
+        raise ValueError(f"fastclip_triton: {what} needs at least one tensor")
+    devices = set(map(operator.attrgetter("device"), tensors))
+    if len(devices) > 1:
+        raise ValueError(f"fastclip_triton: expected the tensors on one device, got {sorted(map(str, devices))}")
+    dtypes = set(map(operator.attrgetter("dtype"), tensors))
+    layouts = set(map(operator.attrgetter("layout"), tensors))
+    if not dtypes <= DTYPE_TAGS.keys() or layouts != {torch.strided}:
+        raise ValueError(f"fastclip_triton: no kernel for {sorted(map(str, dtypes))} / {sorted(map(str, layouts))} tensors")
+    return functools.reduce(torch.promote_types, dtypes)
+
+
+def device_guard(device: torch.device):
+    """Launch on the tensors' GPU, not the current one: Triton launches on the current device."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
