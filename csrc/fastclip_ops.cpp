@@ -126,16 +126,37 @@ at::Tensor clip_per_tensor_cpu(at::TensorList grads, double max_norm, double nor
   at::Tensor norms = at::empty({static_cast<int64_t>(grads.size())}, at::TensorOptions().dtype(at::kDouble));
   double* out = norms.data_ptr<double>();
   cpu::tensor_norms(views.data(), static_cast<int64_t>(views.size()), norm, aten_parallel_for(), out);
+  // clip_grad_norm_ of one gradient: its total norm is |its norm|, in its dtype.
+  std::vector<double> coefficients(views.size());
   bool scaled = false;
   for (size_t i = 0; i < views.size(); ++i) {
-    // clip_grad_norm_ of one gradient: its total norm is |its norm|, in its dtype.
-    const double coefficient = cpu::clip_coefficient(std::abs(out[i]), max_norm, views[i].dtype);
-    if (coefficient == 1.0) continue;
-    cpu::scale(&views[i], 1, coefficient, aten_parallel_for());
-    scaled = true;
+    coefficients[i] = cpu::clip_coefficient(std::abs(out[i]), max_norm, views[i].dtype);
+    scaled = scaled || coefficients[i] != 1.0;
   }
+  cpu::scale_each(views.data(), static_cast<int64_t>(views.size()), coefficients.data(), aten_parallel_for());
   if (scaled) dense.write_back();
   return norms;
+}
+
+// Each gradient multiplied by a given float64 coefficient (one for all, or one per gradient), as
+// torch's mul_ by a 0-dim float64 tensor: the coefficient in the gradient's arithmetic type, a 0-dim
+// gradient in double. A gradient whose coefficient is 1 is neither read nor written (x * 1 == x).
+void scale_by_cpu(at::TensorList grads, const at::Tensor& coefficients) {
+  const int64_t count = static_cast<int64_t>(grads.size());
+  TORCH_CHECK(coefficients.scalar_type() == at::kDouble && coefficients.device().is_cpu(),
+              "fastclip: scale_by_ expects float64 CPU coefficients, got ", coefficients.scalar_type(), " on ",
+              coefficients.device());
+  TORCH_CHECK(coefficients.numel() == 1 || coefficients.numel() == count, "fastclip: scale_by_ expects one coefficient ",
+              "or one per gradient (", count, "), got ", coefficients.numel());
+  const at::Tensor values = coefficients.contiguous();
+  const double* c = values.data_ptr<double>();
+  KernelTensors kernel_tensors(grads, at::kDouble);
+  if (values.numel() == 1) {
+    cpu::scale(kernel_tensors.views.data(), count, c[0], aten_parallel_for());
+  } else {
+    cpu::scale_each(kernel_tensors.views.data(), count, c, aten_parallel_for());
+  }
+  if (std::any_of(c, c + values.numel(), [](double k) { return k != 1.0; })) kernel_tensors.write_back();
 }
 
 // AGC: parameters and gradients as row-major contiguous buffers (units are rows of dimension 0);
@@ -185,6 +206,9 @@ TORCH_LIBRARY(fastclip, m) {
   m.def("clip_per_tensor_(Tensor(a!)[] grads, float max_norm, float norm_type) -> Tensor");
   // Adaptive gradient clipping (timm's unit-wise rule), CPU only.
   m.def("adaptive_clip_(Tensor[] params, Tensor(a!)[] grads, float clip_factor, float eps) -> ()");
+  // Each gradient times a float64 coefficient computed elsewhere (one, or one per gradient), skipping
+  // those whose coefficient is 1: the adaptive clippers' scaling. CPU only.
+  m.def("scale_by_(Tensor(a!)[] grads, Tensor coefficients) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastclip, CPU, m) {
@@ -195,6 +219,7 @@ TORCH_LIBRARY_IMPL(fastclip, CPU, m) {
   m.impl("clamp_values_", &clamp_values_cpu);
   m.impl("adaptive_clip_", &adaptive_clip_cpu);
   m.impl("clip_per_tensor_", &clip_per_tensor_cpu);
+  m.impl("scale_by_", &scale_by_cpu);
 }
 
 }  // namespace fastclip

@@ -47,7 +47,7 @@ _unavailable_reason._dynamo_marked_constant = True
 
 def _reason_not_served(
     backend: Backend, tensors: list[torch.Tensor], norm_type: float | None, summary: TensorSummary,
-    overflow_safe: bool,
+    overflow_safe: bool, operation: str | None,
 ) -> str | None:
     if backend.name == "torch" or not tensors:
         return None
@@ -58,6 +58,7 @@ def _reason_not_served(
         _unavailable_reason(backend.name, device)
         or backend.unsupported_reason(tensors, norm_type, summary)
         or (backend.overflow_safe_refusal(device) if overflow_safe else None)
+        or (backend.operation_refusal(operation, device) if operation else None)
     )
 
 
@@ -67,6 +68,7 @@ def select_backend(
     norm_type: float | None,
     summary: TensorSummary | None = None,
     overflow_safe: bool = False,
+    operation: str | None = None,
 ) -> Backend:
     """The backend that runs this call.
 
@@ -76,6 +78,8 @@ def select_backend(
         norm_type: the parsed norm type, or None for operations without a norm.
         summary: :func:`fastclip._inputs.summarize` of ``tensors``, if the caller has it.
         overflow_safe: whether the call asks for the overflow-safe norm.
+        operation: the backend method the call will use, for operations that not every fused backend
+            has a kernel for on every device (see :meth:`Backend.operation_refusal`).
 
     Returns:
         The chosen :class:`~fastclip.backends.Backend`.
@@ -87,13 +91,13 @@ def select_backend(
     name = _requested(backend)
     summary = summary or summarize(tensors)
     if name != "auto":
-        reason = _reason_not_served(BACKENDS[name], tensors, norm_type, summary, overflow_safe)
+        reason = _reason_not_served(BACKENDS[name], tensors, norm_type, summary, overflow_safe, operation)
         if reason is not None:
             raise ValueError(f"fastclip backend {name!r} cannot serve this call: {reason}")
         return BACKENDS[name]
     device_type = tensors[0].device.type if tensors else "cpu"
     for candidate in _AUTO_ORDER.get(device_type, ("torch",)):
-        if _reason_not_served(BACKENDS[candidate], tensors, norm_type, summary, overflow_safe) is None:
+        if _reason_not_served(BACKENDS[candidate], tensors, norm_type, summary, overflow_safe, operation) is None:
             return BACKENDS[candidate]
     return BACKENDS["torch"]
 

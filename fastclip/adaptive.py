@@ -7,9 +7,10 @@ seed tutorial implements it), :class:`ZClip` (bluorion-com/ZClip, PyPI ``zclip``
 :class:`QuantileClip` (AutoClip; PyPI ``autoclip`` 0.2.1 and the paper) and :class:`AdaGC` (per-tensor
 thresholds; pytorch_optimizer 4.1.0). Every one computes the L2 norm (AdaGC: also each gradient's)
 with fastclip's fused kernel (one read), its threshold and coefficient in float64 on the device, and
-multiplies the gradients by the coefficient (``torch._foreach_mul_`` per device and dtype, AdaGC one
-``mul_`` per gradient: a read and a write even on steps that do not clip, which a fused kernel would
-skip; not yet done). ``state_dict()``/``load_state_dict()`` round-trip mid-run.
+multiplies the gradients by the coefficient (AdaGC: each gradient by its own) with the backend's
+``scale_by_``: one fused pass that, decided on the device, neither reads nor writes a gradient whose
+coefficient is 1, so a step that does not clip costs one read. The arithmetic is torch's ``mul_`` by a
+0-dim float64 tensor. ``state_dict()``/``load_state_dict()`` round-trip mid-run.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import torch
 
 from fastclip import api
 from fastclip._device_state import FollowsDevice
+from fastclip._dispatch import select_backend
 from fastclip._inputs import TensorOrTensors, as_tensor_list, grads_of
-from fastclip.backends.torch_backend import scale_grads_
 
 
 # Scalar state is kept in one-element vectors, not 0-dim tensors: torch.compile (2.13) drops an
@@ -70,8 +71,11 @@ class _AdaptiveClip(FollowsDevice):
         norm = api.get_total_norm(grads, 2.0, backend=self.backend)
         self._follow(norm.device)
         self.last_coefficient = self._coefficient(norm.detach().to(torch.float64).reshape(_SCALAR)).reshape(())
-        scale_grads_(grads, self.last_coefficient, None)
+        self._scale_by(grads, self.last_coefficient)
         return norm
+
+    def _scale_by(self, grads: list[torch.Tensor], coefficients: torch.Tensor) -> None:
+        select_backend(self.backend, grads, None, operation="scale_by_").scale_by_(grads, coefficients)
 
     def _config(self) -> dict:
         raise NotImplementedError
@@ -366,8 +370,7 @@ class AdaGC(_AdaptiveClip):
         total, norms = api.clip_with_tensor_norms_(parameters, math.inf, 2.0, backend=self.backend)
         self._follow(total.device)
         coefficients = self._coefficients(total.detach().to(torch.float64), norms.to(self._device))
-        for g, h in zip(grads, coefficients.unbind()):
-            g.mul_(h)
+        self._scale_by(grads, coefficients)
         self.last_coefficient = coefficients
         return total
 

@@ -6,8 +6,8 @@ one dimension) is clipped against its own parameter: its gradient is left alone 
 below ``clip_factor * max(norm of the parameter unit, eps)``, and scaled down to that limit
 otherwise. timm's loop runs several kernels per parameter (two unit norms, clamps, a division, a
 product, a ``where`` and a copy: the gradient is read three times and written twice, the parameter
-read once); fastclip's CPU kernel reads each parameter and gradient once and writes only the units
-that clip. See ``../shared/CLIPPING-METHODS.md`` for where optax's definition differs.
+read once); fastclip's kernels (C++ for CPU tensors, Triton for CUDA ones, the same arithmetic) read
+each parameter and gradient once and write only the units that clip. See ``../shared/CLIPPING-METHODS.md`` for where optax's definition differs.
 """
 
 from __future__ import annotations
@@ -75,10 +75,11 @@ def adaptive_clip_grad_(
         clip_factor (float): the limit as a fraction of the parameter's norm. Default: 0.01
         eps (float): the smallest parameter norm a limit is taken from (so that zero-initialised
             parameters can still learn). Default: 1e-3
-        norm_type (float or str): the unit norm; the fused CPU kernel serves 2 (timm's default and
-            the paper's), other norms run timm's arithmetic with torch. Default: 2.0
-        backend (str): ``"auto"``, ``"cpp"`` (CPU, L2: one fused pass), or ``"torch"``/``"triton"``
-            (timm's arithmetic with torch ops). Default: ``"auto"``
+        norm_type (float or str): the unit norm; the fused kernels serve 2 (timm's default and the
+            paper's), other norms run timm's arithmetic with torch. Default: 2.0
+        backend (str): ``"auto"``, ``"cpp"`` (CPU tensors: one fused pass), ``"triton"`` (one fused
+            launch; CUDA, or CPU under ``TRITON_INTERPRET=1``) or ``"torch"`` (timm's arithmetic
+            with torch ops). Default: ``"auto"``
 
     Returns:
         None
@@ -104,5 +105,5 @@ def adaptive_clip_grad_(
                              f"({tuple(g.shape)}, {g.dtype}, {g.device}) differ; AGC compares them unit by unit")
     summary = summarize(grads)
     check_gradients(grads, summary, "parameters", written=True)
-    impl = select_backend(backend, grads, norm_type, summary)
+    impl = select_backend(backend, grads, norm_type, summary, operation="adaptive_clip_grad_")
     impl.adaptive_clip_grad_(params, grads, clip_factor, eps, norm_type)

@@ -1,7 +1,7 @@
 """Clipping each gradient, or each parameter group, by its own norm rather than by the global one.
 
 ``clip_per_tensor_`` gives what ``torch.nn.utils.clip_grad_norm_`` gives when called on each gradient
-alone, from one pass for all the norms (the CPU kernel writes only the gradients that clip);
+alone, from one pass for all the norms (the fused kernels write only the gradients that clip);
 ``clip_per_group_`` clips each of an optimizer's parameter groups by the group's own norm, one fused
 ``clip_`` per group.
 """
@@ -34,8 +34,9 @@ def clip_per_tensor_(
         parameters (Iterable[Tensor] or Tensor): tensors whose ``.grad`` will be clipped.
         max_norm (float or Tensor): max norm of each gradient.
         norm_type (float or str): as in :func:`fastclip.clip_`. Default: 2.0
-        backend (str): as in :func:`fastclip.clip_`; the ``"cpp"`` backend has a fused CPU kernel,
-            the others clip gradient by gradient with torch's arithmetic. Default: ``"auto"``
+        backend (str): as in :func:`fastclip.clip_`: ``"cpp"`` (CPU tensors) and ``"triton"`` run
+            fused kernels (two passes, whatever the number of gradients), ``"torch"`` clips gradient
+            by gradient. Default: ``"auto"``
 
     Returns:
         The norm of each gradient before clipping (those that are not None, in order), a float64
@@ -49,7 +50,8 @@ def clip_per_tensor_(
         return torch.zeros(0, dtype=torch.float64)
     summary = summarize(grads)
     check_gradients(grads, summary, "parameters", written=True)
-    return select_backend(backend, grads, norm_type, summary).clip_per_tensor_(grads, max_norm, norm_type)
+    impl = select_backend(backend, grads, norm_type, summary, operation="clip_per_tensor_")
+    return impl.clip_per_tensor_(grads, max_norm, norm_type)
 
 
 @torch.no_grad()

@@ -20,6 +20,7 @@ import torch
 
 import fastclip
 from fastclip.adaptive import AdaGC, QuantileClip, RunningAverageClip, ZClip
+from test_differential import DTYPE_CASES, SHAPE_CASES
 from test_step import _NoHostReads
 
 SHAPES = [(32, 16), (16,), (8, 32)]
@@ -168,6 +169,7 @@ CASES = {
 def test_matches_its_reference_on_a_recorded_run(case, backend):
     make, make_reference = CASES[case]
     clipper, reference = make(), make_reference()
+    clipper.backend = backend  # the norm and the scaling from this backend's kernels
     clipped_steps = 0
     for step, grads in enumerate(recorded_run(90)):
         params = params_with(grads)
@@ -253,7 +255,8 @@ def test_adagc_matches_its_reference_within_float32_rounding(warmup_steps, backe
     roundings (~1e-7 relative); gamma is an average (beta 0.98) of such values, so the difference
     does not grow: 1e-5 relative bounds it with a margin, while a wrong rule (a missed clip, the
     wrong warm-up or EMA) is off by percents."""
-    clipper, reference = AdaGC(warmup_steps=warmup_steps), AdaGCReference(warmup_steps=warmup_steps)
+    clipper = AdaGC(warmup_steps=warmup_steps, backend=backend)
+    reference = AdaGCReference(warmup_steps=warmup_steps)
     run = recorded_run(110, spikes={30: 8.0, 45: 20.0, 70: 4.0, 104: 10.0})
     clipped = 0
     for step, grads in enumerate(run):
@@ -311,3 +314,27 @@ def test_adagc_reads_nothing_on_the_host_and_compiles():
         compiled(p_compiled)
         assert torch.equal(eager.last_coefficient, compiled_clipper.last_coefficient)
         assert all(torch.equal(a.grad, b.grad) for a, b in zip(p_eager, p_compiled))
+
+
+@pytest.mark.parametrize("per_tensor", [False, True], ids=["one coefficient", "one per gradient"])
+@pytest.mark.parametrize("dtype", DTYPE_CASES)
+@pytest.mark.parametrize("case", SHAPE_CASES)
+def test_scale_by_is_torchs_multiplication_and_skips_ones(backend, case, dtype, per_tensor):
+    """The clippers' scaling (Backend.scale_by_) gives the bits of torch's mul_ by a 0-dim float64
+    tensor on every layout and dtype, 0-dim gradients included (torch multiplies those in double);
+    coefficients of 1 leave a gradient untouched, NaN and 0 are applied."""
+    from fastclip._dispatch import select_backend
+    from harness import assert_same, build
+    from test_differential import _specs
+
+    mine, _ = build(_specs(case, dtype))
+    grads = [p.grad for p in mine]
+    values = [0.3, 1.0, 1 / 3, 0.0, 1.0, math.nan, 0.7]
+    coefficients = (torch.tensor([values[i % len(values)] for i in range(len(grads))], dtype=torch.float64)
+                    if per_tensor else torch.tensor(1 / 3, dtype=torch.float64))
+    expected = [g.clone() for g in grads]
+    for i, e in enumerate(expected):
+        e.mul_(coefficients[i] if per_tensor else coefficients)
+    select_backend(backend, grads, None, operation="scale_by_").scale_by_(grads, coefficients)
+    for i, (g, e) in enumerate(zip(grads, expected)):
+        assert_same(g, e, f"gradient {i}")

@@ -49,9 +49,10 @@ def cuda_build():
         pytest.skip(f"fastclip._C has no CUDA kernels here: {_extension.build_description()}")
 
 
-# Operators with a CPU kernel only, by design for now: the Python backends run torch's arithmetic for
-# CUDA tensors there (fastclip/agc.py, fastclip/per_tensor.py), so a CUDA kernel is never looked for.
-CPU_ONLY_OPS = {"fastclip::adaptive_clip_", "fastclip::clip_per_tensor_"}
+# Operators with a CPU kernel only, by design for now: for CUDA tensors the cpp backend refuses these
+# operations (cpp_backend.CPU_ONLY_OPERATIONS) and "auto" takes the Triton kernels, so a CUDA kernel
+# is never looked for.
+CPU_ONLY_OPS = {"fastclip::adaptive_clip_", "fastclip::clip_per_tensor_", "fastclip::scale_by_"}
 
 
 def test_every_op_has_a_cuda_kernel(cuda_build):

@@ -327,3 +327,82 @@ def test_adaptive_clipping_and_value_clipping_do_not_sync(name):
             step(i)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_agc_and_per_tensor_on_cuda_take_the_triton_kernels():
+    """On CUDA tensors "auto" serves AGC, per-tensor clipping and the clippers' scaling with the Triton
+    kernels (the C++ extension has CPU kernels only for them, and refuses when asked by name); AGC
+    gives timm's bits where the unit norms are exact, per-tensor clipping torch's."""
+    from fastclip._dispatch import select_backend
+    from harness import assert_same, build
+    from test_agc import SHAPES, _clone, _params, timm_adaptive_clip_grad
+
+    require_backend("triton", "cuda")
+    grads = [torch.randn(10, device="cuda")]
+    for operation in ("adaptive_clip_grad_", "clip_per_tensor_", "scale_by_"):
+        assert select_backend("auto", grads, 2.0, operation=operation).name == "triton"
+        with pytest.raises(ValueError, match="no CUDA kernel"):
+            select_backend("cpp", grads, 2.0, operation=operation)
+    reference = timm_adaptive_clip_grad()
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        mine = [p.cuda() for p in _params(SHAPES, dtype, seed=1, exact=True)]
+        for p, q in zip(mine, _params(SHAPES, dtype, seed=1, exact=True)):
+            p.grad = q.grad.cuda()
+        theirs = _clone(mine)
+        fastclip.adaptive_clip_grad_(mine)
+        reference(theirs)
+        assert all(torch.equal(a.grad, b.grad) for a, b in zip(mine, theirs)), dtype
+    for dtype in DTYPE_CASES:
+        mine, _ = build(_specs("many_tensors", dtype), device="cuda")
+        expected, _ = build(_specs("many_tensors", dtype), device="cuda")
+        norms = fastclip.clip_per_tensor_(mine, CLIPPING)
+        for i, (p, e) in enumerate(zip(mine, expected)):
+            torch.nn.utils.clip_grads_with_norm_([e], CLIPPING, norms[i].to(p.dtype))
+            assert_same(p.grad, e.grad, f"{dtype} gradient {i}")
+
+
+@pytest.mark.parametrize("method", ["adaptive_clip_grad_", "clip_per_tensor_", "clip_grad_value_", "RunningAverageClip",
+                                    "ZClip", "QuantileClip", "AdaGC"])
+def test_every_method_captures_in_a_cuda_graph_after_warm_up(method):
+    """Each method, captured after three eager steps, replays on new gradients in the same storage
+    with the gradients (and clipper state) an eager twin computes step by step."""
+    require_backend("triton", "cuda")
+
+    def make_params(seed):
+        generator = torch.Generator().manual_seed(seed)
+        params = [torch.nn.Parameter(torch.randn(shape, generator=generator).cuda()) for shape in ((64, 48), (48,), (9, 3, 3))]
+        for p in params:
+            p.grad = (torch.randn(p.shape, generator=generator) * (0.05 if seed % 4 else 3.0)).cuda()
+        return params
+
+    def stepper():
+        clipper = getattr(fastclip, method)() if method[0].isupper() else None
+        if clipper is not None:
+            return clipper, clipper.clip_
+        bound = {"adaptive_clip_grad_": (), "clip_per_tensor_": (0.5,), "clip_grad_value_": (0.02,)}[method]
+        return None, lambda params: getattr(fastclip, method)(params, *bound)
+
+    (clipper, step), (twin, twin_step) = stepper(), stepper()
+    params = make_params(0)
+    for seed in range(3):  # warm-up: tables, compilation, the clipper's state on the GPU
+        fresh = make_params(seed)
+        for p, f in zip(params, fresh):
+            p.grad.copy_(f.grad)
+        step(params)
+        twin_step(make_params(seed))
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.cuda.graph(graph):
+        step(params)
+    torch.cuda.current_stream().wait_stream(stream)
+    for seed in range(3, 9):
+        fresh = make_params(seed)
+        for p, f in zip(params, fresh):
+            p.grad.copy_(f.grad)
+        graph.replay()
+        twin_step(fresh)
+        assert all(torch.equal(p.grad, f.grad) for p, f in zip(params, fresh)), f"step {seed}"
+    if clipper is not None:
+        assert all(torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+                   for a, b in zip(clipper.state_dict().values(), twin.state_dict().values()))

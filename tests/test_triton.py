@@ -40,6 +40,37 @@ def test_two_launches_whatever_the_number_of_tensors(kernels, monkeypatch, num_t
     assert len(launched) == 2  # the norm kernel and the scale kernel (which returns if not clipping)
 
 
+def _count_launches(monkeypatch, module) -> list:
+    """The kernels ``module`` launches from now on (every launch goes through its wrap_triton)."""
+    launched = []
+    real_wrap_triton = module.wrap_triton
+
+    def counting_wrap_triton(kernel):
+        launched.append(kernel)
+        return real_wrap_triton(kernel)
+
+    monkeypatch.setattr(module, "wrap_triton", counting_wrap_triton)
+    return launched
+
+
+@pytest.mark.parametrize("num_tensors", [1, 130])
+def test_per_tensor_and_agc_launch_counts_do_not_grow_with_tensors(kernels, monkeypatch, num_tensors):
+    import fastclip.triton_kernels.agc as agc
+    import fastclip.triton_kernels.per_tensor as per_tensor
+
+    shapes = [(3 + i % 5, 1 + i % 70) for i in range(num_tensors)]
+    dtypes = [(torch.float32, torch.bfloat16, torch.float16)[i % 3] for i in range(num_tensors)]
+    grads = [torch.randn(s, dtype=d) for s, d in zip(shapes, dtypes)]
+    params = [torch.randn(s, dtype=d) for s, d in zip(shapes, dtypes)]
+    norm_launches = _count_launches(monkeypatch, kernels)
+    scale_launches = _count_launches(monkeypatch, per_tensor)
+    per_tensor.clip_per_tensor_(grads, 1e-3, 2.0)
+    assert len(norm_launches) + len(scale_launches) == 2  # clip.py's norm kernel, then the per-tensor scaling
+    agc_launches = _count_launches(monkeypatch, agc)
+    agc.adaptive_clip_(params, grads, 0.01, 1e-3)
+    assert len(agc_launches) == 1
+
+
 def test_tables_are_cached_by_address(kernels):
     grads = [torch.randn(10), torch.randn(70_000, dtype=torch.float16)]
     first = torch.ops.fastclip_triton.gradient_tables(grads, 0)
@@ -54,7 +85,8 @@ def test_tables_are_cached_by_address(kernels):
 _CAPTURE_SCRIPT = textwrap.dedent(
     """
     import torch
-    import fastclip.triton_kernels.clip  # noqa: F401  (registers the ops)
+    import fastclip.triton_kernels.agc  # noqa: F401  (registers the ops)
+    import fastclip.triton_kernels.per_tensor  # noqa: F401
 
     graphs = []
 
@@ -64,7 +96,11 @@ _CAPTURE_SCRIPT = textwrap.dedent(
 
     def step(grads, norm):
         torch.ops.fastclip_triton.scale_with_norm_(grads, 1.0, norm)
-        return torch.ops.fastclip_triton.clip_(grads, 0.5, 2.0) + torch.ops.fastclip_triton.total_norm(grads, 2.0)
+        torch.ops.fastclip_triton.adaptive_clip_(grads, grads, 0.01, 1e-3)
+        per_tensor = torch.ops.fastclip_triton.clip_per_tensor_(grads, 1.0, 2.0)
+        torch.ops.fastclip_triton.scale_by_(grads, per_tensor)
+        clipped = torch.ops.fastclip_triton.clip_(grads, 0.5, 2.0) + torch.ops.fastclip_triton.total_norm(grads, 2.0)
+        return clipped + per_tensor.sum()
 
     torch.compile(step, fullgraph=True, backend=capture)([torch.randn(100), torch.randn(7, dtype=torch.bfloat16)],
                                                          torch.tensor(3.0))
@@ -82,7 +118,8 @@ def test_torch_compile_fullgraph_captures_the_ops(kernels):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", _CAPTURE_SCRIPT], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
-    for op in ("fastclip_triton.scale_with_norm_", "fastclip_triton.clip_", "fastclip_triton.total_norm"):
+    for op in ("fastclip_triton.scale_with_norm_", "fastclip_triton.clip_", "fastclip_triton.total_norm",
+               "fastclip_triton.adaptive_clip_", "fastclip_triton.clip_per_tensor_", "fastclip_triton.scale_by_"):
         assert op in result.stdout, result.stdout
 
 
@@ -94,6 +131,8 @@ _COMPILE_SCRIPT = textwrap.dedent(
     from triton.compiler import ASTSource
     import fastclip.triton_kernels.clip as kernels
     import fastclip.triton_kernels.value_clip as value_clip
+    import fastclip.triton_kernels.per_tensor as per_tensor
+    import fastclip.triton_kernels.agc as agc
 
     target = GPUTarget("cuda", int(sys.argv[1]), 32)
     norm_signature = {
@@ -132,6 +171,24 @@ _COMPILE_SCRIPT = textwrap.dedent(
                            **dict.fromkeys(["hi_f32_bits", "hi_f16_bits", "hi_bf16_bits", "hi_f64_bits"], bits)}
         triton.compile(ASTSource(value_clip._clamp_kernel, clamp_signature, {"BLOCK": 2048}), target=target)
         compiled += 1
+    # Per-tensor scaling under CUDA's rules, every norm kind; AGC (every dtype inside one kernel).
+    per_tensor_signature = {"chunks_ptr": "*i64", "tensors_ptr": "*i64", "tensor_norms_ptr": "*fp64", "p_bits": "i64",
+                            "max_norm_bits": "i64", **dict.fromkeys(["NORM", "CPU_RULES", "BLOCK"], "constexpr")}
+    for norm in range(4):
+        triton.compile(ASTSource(per_tensor._per_tensor_scale_kernel, per_tensor_signature,
+                                 {"NORM": norm, "CPU_RULES": False, "BLOCK": 2048}), target=target)
+        compiled += 1
+    agc_signature = {"runs_ptr": "*i64", "clip_factor_bits": "i64", "eps_bits": "i64", "floor_bits": "i64",
+                     "BLOCK": "constexpr"}
+    triton.compile(ASTSource(agc._agc_kernel, agc_signature, {"BLOCK": 1024}), target=target)
+    compiled += 1
+    # Scaling by coefficients computed elsewhere (the adaptive clippers'): one, or one per gradient.
+    scale_by_signature = {"chunks_ptr": "*i64", "tensors_ptr": "*i64", "coefficients_ptr": "*fp64",
+                          "PER_TENSOR": "constexpr", "BLOCK": "constexpr"}
+    for per_tensor_coefficients in (False, True):
+        triton.compile(ASTSource(kernels._scale_by_kernel, scale_by_signature,
+                                 {"PER_TENSOR": per_tensor_coefficients, "BLOCK": 2048}), target=target)
+        compiled += 1
     print("compiled", compiled)
     print("vector loads", vector_loads)
     print("vector stores", vector_stores)
@@ -147,8 +204,9 @@ def test_kernels_compile_for_gpus(kernels, arch):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, str(arch)], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
-    # 16 norm kernels, 6 of them overflow-safe, 4 scale, 4 coefficient, 2 value clipping
-    assert "compiled 32" in result.stdout
+    # 16 norm kernels, 6 of them overflow-safe, 4 scale, 4 coefficient, 2 value clipping, 4 per-tensor, 1 AGC,
+    # 2 scale-by
+    assert "compiled 39" in result.stdout
     # Full blocks of aligned gradients are read with 16-byte vector loads (ld.global.v4 / .v2): the
     # table's addresses alone would give the compiler no alignment to prove them from.
     vector_loads = int(result.stdout.split("vector loads ")[1].split()[0])

@@ -74,7 +74,7 @@ def _abs_pow(x, p):
 
 
 @triton.jit
-def _accumulate(acc, x, p, NORM: tl.constexpr):
+def accumulate(acc, x, p, NORM: tl.constexpr):
     if NORM == 0:
         return acc + x * x
     elif NORM == 1:
@@ -135,7 +135,7 @@ def _single_element(address, dtype):
 
 
 @triton.jit
-def _root(reduced, p, NORM: tl.constexpr, DTYPE: tl.constexpr, CPU_RULES: tl.constexpr):
+def finished_norm(reduced, p, NORM: tl.constexpr, DTYPE: tl.constexpr, CPU_RULES: tl.constexpr):
     """The finished norm of a reduced sum (or max): fp64 for fp64, else fp32, not yet rounded to a
     16-bit dtype. Under CPU_RULES a non-fp64 sum was accumulated in fp64; a sum beyond fp32's range
     becomes inf (torch's fp32 accumulation overflows there, and so must this) and the root is taken
@@ -150,7 +150,7 @@ def _root(reduced, p, NORM: tl.constexpr, DTYPE: tl.constexpr, CPU_RULES: tl.con
 
 
 @triton.jit
-def _chunk_partial(address, begin, end, p, DTYPE: tl.constexpr, NORM: tl.constexpr, CPU_RULES: tl.constexpr,
+def chunk_partial(address, begin, end, p, DTYPE: tl.constexpr, NORM: tl.constexpr, CPU_RULES: tl.constexpr,
                    BLOCK: tl.constexpr):
     """One chunk reduced in BLOCK lanes (fp32, fp64 for fp64 or under CPU_RULES), then a fixed
     tree; as fp64."""
@@ -168,14 +168,14 @@ def _chunk_partial(address, begin, end, p, DTYPE: tl.constexpr, NORM: tl.constex
         pointer = aligned_block_pointer(address, begin, DTYPE)
         for block in range(0, full_blocks):
             offsets = block * BLOCK + tl.arange(0, BLOCK)
-            acc = _accumulate(acc, load_block_math(pointer, offsets, DTYPE).to(acc.dtype), p, NORM)
+            acc = accumulate(acc, load_block_math(pointer, offsets, DTYPE).to(acc.dtype), p, NORM)
     else:
         for start in range(begin, full_end, BLOCK):
             offsets = start + tl.arange(0, BLOCK).to(tl.int64)
-            acc = _accumulate(acc, load_math(address, offsets, offsets < end, DTYPE).to(acc.dtype), p, NORM)
+            acc = accumulate(acc, load_math(address, offsets, offsets < end, DTYPE).to(acc.dtype), p, NORM)
     for start in range(full_end, end, BLOCK):
         offsets = start + tl.arange(0, BLOCK).to(tl.int64)
-        acc = _accumulate(acc, load_math(address, offsets, offsets < end, DTYPE).to(acc.dtype), p, NORM)
+        acc = accumulate(acc, load_math(address, offsets, offsets < end, DTYPE).to(acc.dtype), p, NORM)
     return _reduce(acc, NORM).to(tl.float64)
 
 
@@ -198,14 +198,14 @@ def _power_of_two(exponent):
 @triton.jit
 def _scaled_chunk_partial(address, begin, end, p, DTYPE: tl.constexpr, NORM: tl.constexpr, BLOCK: tl.constexpr):
     """(sum, exponent) of one chunk: two sweeps, the second finding the chunk in cache."""
-    largest = _chunk_partial(address, begin, end, p, DTYPE, 2, True, BLOCK)  # the inf norm, exact
+    largest = chunk_partial(address, begin, end, p, DTYPE, 2, True, BLOCK)  # the inf norm, exact
     biased = (largest.to(tl.int64, bitcast=True) >> 52) & 0x7FF
     exponent = tl.minimum(tl.maximum(biased - 1023, _MIN_SCALE_EXPONENT), _MAX_SCALE_EXPONENT).to(tl.int32)
     scale = _power_of_two(-exponent)
     acc = tl.zeros([BLOCK], dtype=tl.float64)
     for start in range(begin, end, BLOCK):
         offsets = start + tl.arange(0, BLOCK).to(tl.int64)
-        acc = _accumulate(acc, load_math(address, offsets, offsets < end, DTYPE).to(tl.float64) * scale, p, NORM)
+        acc = accumulate(acc, load_math(address, offsets, offsets < end, DTYPE).to(tl.float64) * scale, p, NORM)
     finite = largest < float("inf")  # false for NaN too
     return tl.where(finite, _reduce(acc, NORM), largest), tl.where(finite, exponent, _NON_FINITE_EXPONENT)
 
@@ -250,7 +250,7 @@ def _finalize_scaled_total(tensor_sums_ptr, tensor_exponents_ptr, total_ptr, coe
     if TOTAL_DTYPE == 0:
         total = total.to(tl.float32)
     tl.store(total_ptr, total.to(total_ptr.dtype.element_ty))
-    tl.store(coefficient_ptr, _clip_coefficient(total, max_norm, TOTAL_DTYPE))
+    tl.store(coefficient_ptr, clip_coefficient(total, max_norm, TOTAL_DTYPE))
 
 
 @triton.jit
@@ -265,7 +265,7 @@ def _tensor_norm(partials_ptr, first, last, p, DTYPE: tl.constexpr, NORM: tl.con
         offsets = start + tl.arange(0, BLOCK).to(tl.int64)
         values = tl.load(partials_ptr + offsets, mask=offsets < last, other=0.0, cache_modifier=".cg")
         acc = _combine(acc, values.to(acc.dtype), NORM)
-    norm = _root(_reduce(acc, NORM), p, NORM, DTYPE, CPU_RULES)
+    norm = finished_norm(_reduce(acc, NORM), p, NORM, DTYPE, CPU_RULES)
     if DTYPE == 3:
         return norm
     else:
@@ -288,18 +288,18 @@ def _finalize_total(tensors_ptr, tensor_norms_ptr, total_ptr, coefficient_ptr, n
         last = tl.load(tensors_ptr + t * TENSOR_COLUMNS + 3, mask=in_range, other=0)
         norms = tl.load(tensor_norms_ptr + t, mask=in_range, other=0.0, cache_modifier=".cg")
         norms = tl.where(last > first, norms, 0.0)  # an empty gradient's norm is 0 (never written)
-        acc = _accumulate(acc, norms.to(acc.dtype), p, NORM)
-    total = _root(_reduce(acc, NORM), p, NORM, TOTAL_DTYPE, CPU_RULES)
+        acc = accumulate(acc, norms.to(acc.dtype), p, NORM)
+    total = finished_norm(_reduce(acc, NORM), p, NORM, TOTAL_DTYPE, CPU_RULES)
     if CPU_RULES and num_tensors == 1:
         total = tl.abs(tl.load(tensor_norms_ptr, cache_modifier=".cg")).to(total.dtype)
     if TOTAL_DTYPE != 3:
         total = round_f32_to(total, TOTAL_DTYPE)
     tl.store(total_ptr, total.to(total_ptr.dtype.element_ty))
-    tl.store(coefficient_ptr, _clip_coefficient(total, max_norm, TOTAL_DTYPE))
+    tl.store(coefficient_ptr, clip_coefficient(total, max_norm, TOTAL_DTYPE))
 
 
 @triton.jit
-def _clip_coefficient(total, max_norm, TOTAL_DTYPE: tl.constexpr):
+def clip_coefficient(total, max_norm, TOTAL_DTYPE: tl.constexpr):
     """min(max_norm / (total + 1e-6), 1) as fp64, total holding a TOTAL_DTYPE value. torch runs a
     Python float divided by a tensor as reciprocal(total + 1e-6) * max_norm, each step rounded to
     the tensor's dtype, Python scalars entering in its arithmetic (fp32, or fp64 for fp64); its
@@ -336,13 +336,13 @@ def _norm_kernel(chunks_ptr, tensors_ptr, partials_ptr, tensor_norms_ptr, counte
             partial, exponent = _scaled_chunk_partial(address, begin, end, p, 3, NORM, BLOCK)
         tl.store(partial_exponents_ptr + chunk, exponent)
     elif dtype == 0:
-        partial = _chunk_partial(address, begin, end, p, 0, NORM, CPU_RULES, BLOCK)
+        partial = chunk_partial(address, begin, end, p, 0, NORM, CPU_RULES, BLOCK)
     elif dtype == 1:
-        partial = _chunk_partial(address, begin, end, p, 1, NORM, CPU_RULES, BLOCK)
+        partial = chunk_partial(address, begin, end, p, 1, NORM, CPU_RULES, BLOCK)
     elif dtype == 2:
-        partial = _chunk_partial(address, begin, end, p, 2, NORM, CPU_RULES, BLOCK)
+        partial = chunk_partial(address, begin, end, p, 2, NORM, CPU_RULES, BLOCK)
     else:
-        partial = _chunk_partial(address, begin, end, p, 3, NORM, CPU_RULES, BLOCK)
+        partial = chunk_partial(address, begin, end, p, 3, NORM, CPU_RULES, BLOCK)
     tl.store(partials_ptr + chunk, partial)
 
     # The last chunk of this gradient to finish computes its norm. acq_rel atomics order the
@@ -399,9 +399,9 @@ def _scaled(x, coefficient, mode, DTYPE: tl.constexpr, COEFFICIENT_DTYPE: tl.con
 
 
 @triton.jit
-def _scale_chunk(address, begin, end, coefficient, mode, DTYPE: tl.constexpr, COEFFICIENT_DTYPE: tl.constexpr,
+def scale_chunk(address, begin, end, coefficient, mode, DTYPE: tl.constexpr, COEFFICIENT_DTYPE: tl.constexpr,
                  BLOCK: tl.constexpr):
-    # As in _chunk_partial: full blocks of an aligned gradient through a pointer declared aligned
+    # As in chunk_partial: full blocks of an aligned gradient through a pointer declared aligned
     # (16-byte vector loads and stores), the rest masked. Elementwise: the path changes no bits.
     start = begin
     if address % 16 == 0:
@@ -426,20 +426,41 @@ def _scale_kernel(chunks_ptr, tensors_ptr, coefficient_ptr, COEFFICIENT_DTYPE: t
         _, address, begin, end, t, dtype = this_chunk(chunks_ptr, tensors_ptr)
         mode = tl.load(tensors_ptr + t * TENSOR_COLUMNS + 4)
         if dtype == 0:
-            _scale_chunk(address, begin, end, coefficient, mode, 0, COEFFICIENT_DTYPE, BLOCK)
+            scale_chunk(address, begin, end, coefficient, mode, 0, COEFFICIENT_DTYPE, BLOCK)
         elif dtype == 1:
-            _scale_chunk(address, begin, end, coefficient, mode, 1, COEFFICIENT_DTYPE, BLOCK)
+            scale_chunk(address, begin, end, coefficient, mode, 1, COEFFICIENT_DTYPE, BLOCK)
         elif dtype == 2:
-            _scale_chunk(address, begin, end, coefficient, mode, 2, COEFFICIENT_DTYPE, BLOCK)
+            scale_chunk(address, begin, end, coefficient, mode, 2, COEFFICIENT_DTYPE, BLOCK)
         else:
-            _scale_chunk(address, begin, end, coefficient, mode, 3, COEFFICIENT_DTYPE, BLOCK)
+            scale_chunk(address, begin, end, coefficient, mode, 3, COEFFICIENT_DTYPE, BLOCK)
+
+
+@triton.jit
+def _scale_by_kernel(chunks_ptr, tensors_ptr, coefficients_ptr, PER_TENSOR: tl.constexpr, BLOCK: tl.constexpr):
+    """Scales each chunk by a float64 coefficient computed elsewhere: one for every gradient, or
+    (PER_TENSOR) its gradient's own; a chunk whose coefficient is 1 is neither read nor written."""
+    _, address, begin, end, t, dtype = this_chunk(chunks_ptr, tensors_ptr)
+    if PER_TENSOR:
+        coefficient = tl.load(coefficients_ptr + t)
+    else:
+        coefficient = tl.load(coefficients_ptr)
+    if coefficient != 1.0:
+        mode = tl.load(tensors_ptr + t * TENSOR_COLUMNS + 4)
+        if dtype == 0:
+            scale_chunk(address, begin, end, coefficient, mode, 0, 3, BLOCK)
+        elif dtype == 1:
+            scale_chunk(address, begin, end, coefficient, mode, 1, 3, BLOCK)
+        elif dtype == 2:
+            scale_chunk(address, begin, end, coefficient, mode, 2, 3, BLOCK)
+        else:
+            scale_chunk(address, begin, end, coefficient, mode, 3, 3, BLOCK)
 
 
 @triton.jit
 def _coefficient_kernel(total_ptr, coefficient_ptr, max_norm_bits, TOTAL_DTYPE: tl.constexpr):
     """The coefficient for a given total norm (clip_grads_with_norm_), on the device."""
     max_norm = max_norm_bits.to(tl.float64, bitcast=True)
-    tl.store(coefficient_ptr, _clip_coefficient(tl.load(total_ptr), max_norm, TOTAL_DTYPE))
+    tl.store(coefficient_ptr, clip_coefficient(tl.load(total_ptr), max_norm, TOTAL_DTYPE))
 
 
 # One configuration, chosen by rule rather than by autotuning: an autotuner benchmarks every new key
@@ -449,10 +470,10 @@ def _coefficient_kernel(total_ptr, coefficient_ptr, max_norm_bits, TOTAL_DTYPE: 
 # takes the same configuration (each interpreted step costs Python time, a wide block does not).
 _NORM_CONFIG = {"BLOCK": 4096, "num_warps": 8}
 # The scale kernel writes the gradients, so it cannot be benchmarked in place: one configuration.
-_SCALE_BLOCK, _SCALE_WARPS = (4096 if INTERPRETING else 2048), 8
+SCALE_BLOCK, SCALE_WARPS = (4096 if INTERPRETING else 2048), 8
 
 
-def _norm_kind(norm_type: float) -> int:
+def norm_kind(norm_type: float) -> int:
     if norm_type == 2.0:
         return NORM_L2
     if norm_type == 1.0:
@@ -464,12 +485,12 @@ def _norm_kind(norm_type: float) -> int:
     raise ValueError(f"fastclip_triton: norm_type {norm_type} has no kernel (only p > 0 and inf)")
 
 
-def _run_norm(tensors: list[torch.Tensor], norm_type: float, max_norm: float, total_dtype: torch.dtype,
+def run_norm(tensors: list[torch.Tensor], norm_type: float, max_norm: float, total_dtype: torch.dtype,
               overflow_safe: bool = False, tensor_norms_out: torch.Tensor | None = None):
     """Launch 1. Returns (total norm tensor, coefficient tensor, tables); the coefficient has the
     total norm's dtype (which for the overflow-safe norm the caller has widened to fp32 or more).
     ``tensor_norms_out`` (float64 zeros, one per tensor), if given, receives the per-tensor norms."""
-    kind = _norm_kind(norm_type)
+    kind = norm_kind(norm_type)
     safe = overflow_safe and kind != NORM_INF  # a max never overflows: the plain kernel is exact
     numels = list(map(torch.Tensor.numel, tensors))
     if kind == NORM_INF and 0 in numels:
@@ -510,8 +531,8 @@ def _run_scale(tables, coefficient: torch.Tensor, coefficient_dtype: torch.dtype
     chunks, table, num_chunks = tables
     if num_chunks:
         wrap_triton(_scale_kernel)[(num_chunks,)](
-            chunks, table, coefficient, COEFFICIENT_DTYPE=DTYPE_TAGS[coefficient_dtype], BLOCK=_SCALE_BLOCK,
-            num_warps=_SCALE_WARPS, enable_fp_fusion=False,  # one rounding per operation, as torch
+            chunks, table, coefficient, COEFFICIENT_DTYPE=DTYPE_TAGS[coefficient_dtype], BLOCK=SCALE_BLOCK,
+            num_warps=SCALE_WARPS, enable_fp_fusion=False,  # one rounding per operation, as torch
         )
 
 
@@ -528,7 +549,7 @@ def total_norm(tensors: List[torch.Tensor], norm_type: float, overflow_safe: boo
     total_dtype = _total_dtype(tensors, "total_norm", overflow_safe)
     dense, _ = dense_tensors(tensors)
     with device_guard(tensors[0].device):
-        total, _, _ = _run_norm(dense, norm_type, 1.0, total_dtype, overflow_safe)
+        total, _, _ = run_norm(dense, norm_type, 1.0, total_dtype, overflow_safe)
     return total
 
 
@@ -539,7 +560,7 @@ def _clip(grads: list[torch.Tensor], max_norm: float, norm_type: float, overflow
     dense, copies = dense_tensors(grads)
     tensor_norms = torch.zeros(len(grads), dtype=torch.float64, device=grads[0].device) if with_tensor_norms else None
     with device_guard(grads[0].device):
-        total, coefficient, tables = _run_norm(dense, norm_type, max_norm, total_dtype, overflow_safe, tensor_norms)
+        total, coefficient, tables = run_norm(dense, norm_type, max_norm, total_dtype, overflow_safe, tensor_norms)
         _run_scale(tables, coefficient, total_dtype)
     for original, copy in copies:  # whether anything was scaled is known only on the device
         original.copy_(copy)
@@ -575,6 +596,32 @@ def scale_with_norm_(grads: List[torch.Tensor], max_norm: float, total_norm: tor
         _run_scale(tables_for(dense, total.dtype, list(map(torch.Tensor.numel, dense))), coefficient, total.dtype)
     for original, copy in copies:
         original.copy_(copy)
+
+
+@torch.library.custom_op("fastclip_triton::scale_by_", mutates_args={"grads"})
+def scale_by_(grads: List[torch.Tensor], coefficients: torch.Tensor) -> None:
+    """Multiplies ``grads`` in place by float64 ``coefficients`` (one, or one per gradient) as torch's
+    ``mul_`` by a 0-dim float64 tensor does, skipping those whose coefficient is 1 (one launch)."""
+    checked_total_dtype(grads, "scale_by_")
+    if coefficients.dtype != torch.float64 or coefficients.numel() not in (1, len(grads)):
+        raise ValueError(f"fastclip_triton: scale_by_ expects float64 coefficients, one or one per gradient "
+                         f"({len(grads)}), got {coefficients.numel()} of {coefficients.dtype}")
+    dense, copies = dense_tensors(grads)
+    chunks, table, num_chunks = tables_for(dense, torch.float64, list(map(torch.Tensor.numel, dense)))
+    if num_chunks:
+        with device_guard(grads[0].device):
+            wrap_triton(_scale_by_kernel)[(num_chunks,)](
+                chunks, table, coefficients.to(grads[0].device).contiguous(),
+                PER_TENSOR=coefficients.numel() != 1, BLOCK=SCALE_BLOCK, num_warps=SCALE_WARPS,
+                enable_fp_fusion=False,
+            )
+    for original, copy in copies:
+        original.copy_(copy)
+
+
+@scale_by_.register_fake
+def _(grads, coefficients):
+    checked_total_dtype(grads, "scale_by_")
 
 
 # Fake kernels: what the compiler needs to know of each op's results (shape, dtype, device).

@@ -68,7 +68,8 @@ if INTERPRETING and not _wraps_interpreted_kernels():
 
 
 class _TableCache:
-    """Device tables keyed by the gradients' (address, size, dtype, scale mode) and device.
+    """Device tables keyed by what they were built from (the tensors' addresses, sizes, dtypes...)
+    and, last, the device.
 
     Entries used while a CUDA stream is being captured are never evicted, so the graph stays valid.
     """
@@ -92,7 +93,16 @@ class _TableCache:
             return entry
 
 
-_tables = _TableCache()
+TABLE_CACHE = _TableCache()
+
+
+def upload(host_tables: list[torch.Tensor], device: torch.device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(the tables on ``device``, their host copies): stream-ordered copies from pinned memory to a
+    GPU, so the host never waits. Keep the host copies with the device ones: a CUDA graph that
+    captured the upload copies from them again."""
+    if device.type == "cuda":
+        host_tables = [h.pin_memory() for h in host_tables]
+    return [h.to(device, non_blocking=True) for h in host_tables], host_tables
 
 
 def _scale_mode(t: torch.Tensor, coefficient_dtype: torch.dtype) -> int:
@@ -123,13 +133,10 @@ def gradient_tables(tensors: List[torch.Tensor], coefficient_dtype_tag: int) -> 
             chunk_rows += [(address, b, min(b + CHUNK, numel), index) for b in range(0, numel, CHUNK)]
             tensor_rows.append((address, tag, first, len(chunk_rows), mode))
         host = [torch.tensor(chunk_rows or [(0, 0, 0, 0)], dtype=torch.int64), torch.tensor(tensor_rows, dtype=torch.int64)]
-        if device.type == "cuda":  # stream-ordered copies from pinned memory: no host wait
-            host = [h.pin_memory() for h in host]
-        on_device = [h.to(device, non_blocking=True) for h in host]
-        # The host copies stay referenced: a graph that captured the upload copies from them again.
-        return on_device[0], on_device[1], host
+        (chunks, table), host = upload(host, device)
+        return chunks, table, host
 
-    chunks, table, _ = _tables.get((rows, device), build)
+    chunks, table, _ = TABLE_CACHE.get((rows, device), build)
     return chunks, table
 
 

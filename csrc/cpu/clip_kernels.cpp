@@ -368,6 +368,18 @@ void scale(const TensorView* tensors, int64_t count, double coefficient, const P
   });
 }
 
+void scale_each(const TensorView* tensors, int64_t count, const double* coefficients, const ParallelFor& parallel_for) {
+  std::vector<int64_t> first_chunk;
+  const std::vector<Chunk> chunks = make_chunks(tensors, count, first_chunk);
+  parallel_for(0, static_cast<int64_t>(chunks.size()), grain_in_chunks(chunks), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const Chunk& c = chunks[i];
+      const double coefficient = coefficients[c.tensor];
+      if (coefficient != 1.0) scale_elements(tensors[c.tensor], c.begin, c.end - c.begin, coefficient);
+    }
+  });
+}
+
 ClipResult clip(const TensorView* tensors, int64_t count, Norm norm, DType total_dtype, double max_norm,
                 const ParallelFor& parallel_for, double* norms_out) {
   std::vector<double> norms(count);

@@ -64,6 +64,10 @@ double clip_coefficient(double total, double max_norm, DType total_dtype);
 // does. Writes nothing when coefficient == 1.
 void scale(const TensorView* tensors, int64_t count, double coefficient, const ParallelFor& parallel_for);
 
+// scale() with a coefficient per tensor (coefficients[t]), in one parallel pass; a tensor whose
+// coefficient is 1 is neither read nor written.
+void scale_each(const TensorView* tensors, int64_t count, const double* coefficients, const ParallelFor& parallel_for);
+
 struct ClipResult {
   double total_norm;
   double coefficient;

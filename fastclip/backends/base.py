@@ -42,6 +42,11 @@ class Backend:
         """Why this backend has no overflow-safe norm on ``device``, or None if it has one."""
         return None
 
+    def operation_refusal(self, operation: str, device: torch.device) -> str | None:
+        """Why this backend has no kernel for the method named ``operation`` on ``device``, or None.
+        ``"auto"`` then passes it over for a backend that has one."""
+        return None
+
     def get_total_norm(
         self, tensors: list[torch.Tensor], norm_type: float, foreach: bool | None, overflow_safe: bool = False
     ) -> torch.Tensor:
@@ -80,6 +85,22 @@ class Backend:
         from fastclip.backends.torch_backend import clamp_grads_
 
         clamp_grads_(grads, clip_value, foreach)
+
+    def scale_by_(self, grads: list[torch.Tensor], coefficients: torch.Tensor) -> None:
+        """Multiply ``grads`` in place by float64 ``coefficients`` computed on the device (one for all,
+        shape ``()`` or ``(1,)``, or one per gradient), as ``mul_`` by a 0-dim float64 tensor does.
+
+        A fused backend skips the gradients whose coefficient is 1 (same bits: x * 1 == x). The
+        default is torch's arithmetic: ``_foreach_mul_`` per device and dtype for one coefficient,
+        one ``mul_`` per gradient otherwise.
+        """
+        from fastclip.backends.torch_backend import scale_grads_
+
+        if coefficients.numel() == 1:
+            scale_grads_(grads, coefficients.reshape(()), None)
+        else:
+            for g, c in zip(grads, coefficients.unbind()):
+                g.mul_(c)
 
     def clip_per_tensor_(self, grads: list[torch.Tensor], max_norm: float, norm_type: float) -> torch.Tensor:
         """Each gradient clipped by its own norm, as ``clip_grad_norm_`` of it alone; returns the norms

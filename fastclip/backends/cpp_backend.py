@@ -11,6 +11,9 @@ from fastclip.backends.base import Backend, fused_kernel_refusal, total_norm_dty
 
 # Dispatch key of the extension's kernels for each device type it can serve.
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+# Backend methods whose kernels the extension has for CPU tensors only (tests/test_build.py names
+# their ops): on CUDA tensors "auto" takes the Triton backend's, and asking for "cpp" is refused.
+CPU_ONLY_OPERATIONS = frozenset({"adaptive_clip_grad_", "clip_per_tensor_", "scale_by_"})
 
 
 @functools.cache
@@ -44,6 +47,10 @@ def _register_fake_kernels() -> None:
 
     @torch.library.register_fake("fastclip::adaptive_clip_")
     def _(params, grads, clip_factor, eps):
+        return None
+
+    @torch.library.register_fake("fastclip::scale_by_")
+    def _(grads, coefficients):
         return None
 
 
@@ -88,13 +95,19 @@ class CppBackend(Backend):
         # Built wherever clip_ is (CPU and CUDA kernels of the same extension).
         torch.ops.fastclip.clamp_values_(grads, clip_value)
 
+    def operation_refusal(self, operation, device):
+        if operation in CPU_ONLY_OPERATIONS and device.type != "cpu":
+            return f"{operation} has no CUDA kernel in the C++ extension (the Triton backend has one)"
+        return None
+
     def adaptive_clip_grad_(self, params, grads, clip_factor, eps, norm_type):
-        if norm_type == 2.0 and grads[0].device.type == "cpu":  # the fused kernel: CPU, L2
+        if norm_type == 2.0:  # the fused kernel is L2's (timm's default and the paper's)
             torch.ops.fastclip.adaptive_clip_(params, grads, clip_factor, eps)
         else:
             super().adaptive_clip_grad_(params, grads, clip_factor, eps, norm_type)
 
     def clip_per_tensor_(self, grads, max_norm, norm_type):
-        if grads[0].device.type == "cpu":  # the fused kernel is CPU-only
-            return torch.ops.fastclip.clip_per_tensor_(grads, max_norm, norm_type)
-        return super().clip_per_tensor_(grads, max_norm, norm_type)
+        return torch.ops.fastclip.clip_per_tensor_(grads, max_norm, norm_type)
+
+    def scale_by_(self, grads, coefficients):
+        torch.ops.fastclip.scale_by_(grads, coefficients)

@@ -21,7 +21,8 @@ from fastclip.backends.base import Backend, fused_kernel_refusal
 # The repository's triton_kernels/clip.py, installed inside fastclip's namespace (pyproject.toml);
 # the other kernel families import their shared pieces from it.
 KERNELS_MODULE = "fastclip.triton_kernels.clip"
-KERNEL_FAMILIES = (KERNELS_MODULE, "fastclip.triton_kernels.value_clip")
+KERNEL_FAMILIES = (KERNELS_MODULE, "fastclip.triton_kernels.value_clip", "fastclip.triton_kernels.per_tensor",
+                   "fastclip.triton_kernels.agc")
 
 
 @functools.cache
@@ -102,3 +103,15 @@ class TritonBackend(Backend):
 
     def clip_grad_value_(self, grads, clip_value, foreach):
         torch.ops.fastclip_triton.clamp_values_(grads, clip_value)
+
+    def clip_per_tensor_(self, grads, max_norm, norm_type):
+        return torch.ops.fastclip_triton.clip_per_tensor_(grads, max_norm, norm_type)
+
+    def scale_by_(self, grads, coefficients):
+        torch.ops.fastclip_triton.scale_by_(grads, coefficients)
+
+    def adaptive_clip_grad_(self, params, grads, clip_factor, eps, norm_type):
+        if norm_type == 2.0:
+            torch.ops.fastclip_triton.adaptive_clip_(params, grads, clip_factor, eps)
+        else:  # the kernel is L2's (timm's default and the paper's)
+            super().adaptive_clip_grad_(params, grads, clip_factor, eps, norm_type)
