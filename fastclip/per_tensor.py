@@ -25,7 +25,8 @@ from fastclip._inputs import (
 
 @torch.no_grad()
 def clip_per_tensor_(
-    parameters: TensorOrTensors, max_norm: float | torch.Tensor, norm_type: float | str = 2.0, *, backend: str = "auto"
+    parameters: TensorOrTensors, max_norm: float | torch.Tensor, norm_type: float | str = 2.0,
+    error_if_nonfinite: bool = False, *, backend: str = "auto"
 ) -> torch.Tensor:
     r"""Clip each gradient by its own norm: the same as ``torch.nn.utils.clip_grad_norm_([p], max_norm)``
     for every parameter ``p``, without a call (and its launches) per parameter.
@@ -34,6 +35,9 @@ def clip_per_tensor_(
         parameters (Iterable[Tensor] or Tensor): tensors whose ``.grad`` will be clipped.
         max_norm (float or Tensor): max norm of each gradient.
         norm_type (float or str): as in :func:`fastclip.clip_`. Default: 2.0
+        error_if_nonfinite (bool): if True, raise (before any gradient is modified) when a gradient's
+            norm is NaN or infinite. The check reads the norms on the host (one synchronisation, as
+            torch's) and costs a second read of the gradients. Default: False
         backend (str): as in :func:`fastclip.clip_`: ``"cpp"`` (CPU tensors) and ``"triton"`` run
             fused kernels (two passes, whatever the number of gradients), ``"torch"`` clips gradient
             by gradient. Default: ``"auto"``
@@ -41,6 +45,9 @@ def clip_per_tensor_(
     Returns:
         The norm of each gradient before clipping (those that are not None, in order), a float64
         vector on the first gradient's device, each the norm torch computes for that gradient.
+
+    Raises:
+        RuntimeError: with ``error_if_nonfinite``, a gradient whose norm is not finite.
     """
     parameters = as_tensor_list(parameters, "parameters", warn_empty_generator=True)
     max_norm = parse_max_norm(max_norm)
@@ -51,6 +58,15 @@ def clip_per_tensor_(
     summary = summarize(grads)
     check_gradients(grads, summary, "parameters", written=True)
     impl = select_backend(backend, grads, norm_type, summary, operation="clip_per_tensor_")
+    if error_if_nonfinite:
+        # The fused pass writes as soon as it knows a gradient's coefficient, so the check reads the
+        # norms first, with torch (torch.nn.utils.get_total_norm of each gradient alone).
+        norms = torch.stack([torch.linalg.vector_norm(g, norm_type).to(grads[0].device, torch.float64) for g in grads])
+        nonfinite = (~torch.isfinite(norms)).nonzero().flatten().tolist()  # the one host read
+        if nonfinite:
+            raise RuntimeError(f"The norm of order {norm_type} of gradient {nonfinite[0]} (of {len(nonfinite)} non-finite "
+                               "ones) is non-finite, so it cannot be clipped. To disable this error and scale the "
+                               "gradients by the non-finite norm anyway, set `error_if_nonfinite=False`")
     return impl.clip_per_tensor_(grads, max_norm, norm_type)
 
 

@@ -228,17 +228,19 @@ def test_bad_settings_and_foreign_state_are_refused():
     assert all(torch.equal(after[k], v) if isinstance(v, torch.Tensor) else after[k] == v for k, v in before.items())
 
 
+@pytest.mark.parametrize("fused", ["cpp", "triton"])
 @pytest.mark.parametrize("case", ["running average", "zclip", "autoclip"])
-def test_compiled_step_matches_eager(case):
+def test_compiled_step_matches_eager(case, fused):
     """torch.compile(fullgraph=True) of a step that clips adaptively: the same coefficients and
-    gradients as eager (the norm comes from the same fused op; the threshold arithmetic is float64
-    elementwise, which Inductor does not reorder)."""
+    gradients as eager (the norm and the scaling come from the same fused ops; the threshold
+    arithmetic is float64 elementwise, which Inductor does not reorder)."""
     from conftest import require_backend
 
-    require_backend("cpp")
+    require_backend(fused)
     torch._dynamo.reset()
     make, _ = CASES[case]
     eager, compiled_clipper = make(), make()
+    eager.backend = compiled_clipper.backend = fused
     compiled = torch.compile(lambda params: compiled_clipper.clip_(params), fullgraph=True)
     for grads in recorded_run(35):
         p_eager, p_compiled = params_with(grads), params_with(grads)

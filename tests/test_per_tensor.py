@@ -80,3 +80,35 @@ def test_a_bad_group_is_refused_before_any_group_is_clipped():
     with pytest.raises(ValueError, match=r"param_groups\[1\] max_norm"):
         fastclip.clip_per_group_([{"params": [a]}, {"params": [b], "max_norm": -1.0}], 1.0)
     assert torch.equal(a.grad, torch.full((3,), 10.0))
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf], ids=str)
+def test_error_if_nonfinite_raises_before_any_gradient_changes(backend, value):
+    params, _ = build(_specs("many_tensors", "mixed"))
+    params[7].grad.view(-1)[0] = value
+    before = [p.grad.clone() for p in params]
+    with pytest.raises(RuntimeError, match="gradient 7 .*non-finite"):
+        fastclip.clip_per_tensor_(params, 1e-3, error_if_nonfinite=True, backend=backend)
+    for p, b in zip(params, before):
+        assert_same(p.grad, b, "a gradient changed before the error")
+    params[7].grad.view(-1)[0] = 1.0
+    expected, _ = build(_specs("many_tensors", "mixed"))
+    expected[7].grad.view(-1)[0] = 1.0
+    norms = fastclip.clip_per_tensor_(params, 1e-3, error_if_nonfinite=True, backend=backend)
+    assert torch.equal(norms, fastclip.clip_per_tensor_(expected, 1e-3, backend=backend))
+    for p, e in zip(params, expected):
+        assert_same(p.grad, e.grad, "finite gradients, checked or not")
+
+
+@pytest.mark.parametrize("fused", ["cpp", "triton"])  # opaque ops: compiled must equal eager bit for bit
+def test_compiled_per_tensor_clipping_equals_eager(fused):
+    from conftest import require_backend
+
+    require_backend(fused)
+    torch._dynamo.reset()
+    eager, _ = build(_specs("many_tensors", "mixed"))
+    compiled_params, _ = build(_specs("many_tensors", "mixed"))
+    step = torch.compile(lambda ps: fastclip.clip_per_tensor_(ps, 1e-3, backend=fused), fullgraph=True)
+    assert torch.equal(step(compiled_params), fastclip.clip_per_tensor_(eager, 1e-3, backend=fused))
+    for p, e in zip(compiled_params, eager):
+        assert_same(p.grad, e.grad, "compiled against eager")
