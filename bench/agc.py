@@ -16,18 +16,18 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import statistics
 
 import torch
 
 import fastclip
 from bench.run import Timer
-from bench.timing import interleaved_samples, run_and_save
+from bench.timing import median_times, ratio_table, run_and_save
 from bench.workloads import MIB, gpt2_shapes, make_grads, resnet50_shapes, with_dtype
 
 # Gradients ~1e-3 (make_grads) against parameters ~0.1: no unit clips at clip_factor 1, every unit
 # at 1e-4.
 STEPS = {"no unit clips": 1.0, "every unit clips": 1e-4}
+LIMIT_OF = {"no unit clips": "reads", "every unit clips": "reads + write"}
 WORKLOADS = {
     "resnet-50 fp32": with_dtype(resnet50_shapes(), torch.float32),
     "gpt2-124m fp32": with_dtype(gpt2_shapes(), torch.float32),
@@ -77,34 +77,15 @@ def bench_workload(spec, device: str, repeats: int, timer: Timer, progress) -> d
     flat_p = torch.empty(param_bytes // 4).uniform_()
     flat_g = torch.empty(grad_bytes // 4).uniform_()
     limits = {"reads": lambda: (flat_p.sum(), flat_g.sum()), "reads + write": lambda: (flat_p.sum(), flat_g.mul_(1.0))}
-    limit_of = {"no unit clips": "reads", "every unit clips": "reads + write"}
 
-    def measure(name):
-        for step, clip_factor in STEPS.items():
-            if name in limits:
-                if limit_of[step] == name:
-                    yield step, timer(limits[name])
-            else:
-                torch._foreach_copy_(grads, pristine)
-                yield step, timer(lambda: table[name](params, clip_factor))
-
-    samples = interleaved_samples(list(table) + list(limits), measure, repeats, progress)
-    medians = {k: statistics.median(v) for k, v in samples.items()}
-    return {"medians": medians, "providers": list(table), "limit_of": limit_of, "count": len(grads),
-            "bytes": param_bytes + grad_bytes}
+    medians = median_times(STEPS, limits, LIMIT_OF, table, lambda: torch._foreach_copy_(grads, pristine),
+                           lambda name, step: lambda: table[name](params, STEPS[step]), timer, repeats, progress)
+    return {"medians": medians, "providers": list(table), "count": len(grads), "bytes": param_bytes + grad_bytes}
 
 
 def markdown(results: dict[str, dict]) -> str:
-    lines = ["| workload | step | provider | ms | x timm | % of limit |", "|---|---|---|---|---|---|"]
-    for workload, r in results.items():
-        m = r["medians"]
-        for step in STEPS:
-            limit, base = m[(r["limit_of"][step], step)], m[("timm", step)]
-            for name in r["providers"]:
-                t = m[(name, step)]
-                lines.append(f"| {workload} ({r['count']} tensors, {r['bytes'] / MIB:.0f} MiB of parameters and "
-                             f"gradients) | {step} | {name} | {t * 1e3:.2f} | {base / t:.2f} | {limit / t:.0%} |")
-    return "\n".join(lines) + "\n"
+    return ratio_table(results, STEPS, LIMIT_OF, "timm",
+                       lambda r: f"{r['count']} tensors, {r['bytes'] / MIB:.0f} MiB of parameters and gradients")
 
 
 def main() -> None:

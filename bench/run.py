@@ -19,7 +19,6 @@ import argparse
 import datetime
 import os
 import platform
-import statistics
 import time
 
 import torch

@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import statistics
 from collections.abc import Callable, Iterable
 
 import torch
@@ -35,6 +36,54 @@ def interleaved_samples(names: list[str], measure: Callable[[str], Iterable[tupl
                     samples.setdefault((name, kind), []).append(seconds)
         progress.update(1)
     return samples
+
+
+def median_times(steps: Iterable[str], limits: dict[str, Callable], limit_of: dict[str, str], providers: Iterable[str],
+                 restore: Callable[[], None], run: Callable[[str, str], Callable], timer, repeats: int,
+                 progress) -> dict[tuple[str, str], float]:
+    """Median seconds of every provider on every step, and of each step's limit, interleaved.
+
+    Args:
+        steps: the kinds of step, in order.
+        limits: the machine's limits by name: functions streaming the same bytes (a read, a read and
+            a write...).
+        limit_of: the name of each step's limit.
+        providers: the providers' names.
+        restore: puts the gradients back as they were; called before every provider's run, untimed.
+        run: ``run(provider, step)`` gives the function that runs one such step.
+        timer, repeats, progress: as for :func:`interleaved_samples` (``timer(fn)`` times one call).
+
+    Returns:
+        ``{(name, step): seconds}`` for every provider, and for each step's limit.
+    """
+    def measure(name):
+        for step in steps:
+            if name in limits:
+                if limit_of[step] == name:
+                    yield step, timer(limits[name])
+            else:
+                restore()
+                yield step, timer(run(name, step))
+
+    samples = interleaved_samples(list(providers) + list(limits), measure, repeats, progress)
+    return {key: statistics.median(values) for key, values in samples.items()}
+
+
+def ratio_table(results: dict[str, dict], steps: Iterable[str], limit_of: dict[str, str], baseline: str,
+                size_label: Callable[[dict], str]) -> str:
+    """The markdown table of a stand-alone benchmark: per workload, step and provider, the median
+    time, the ratio to ``baseline`` and the % of the step's limit. Each result holds ``medians``
+    (from :func:`median_times`) and ``providers``; ``size_label(result)`` describes its workload."""
+    lines = [f"| workload | step | provider | ms | x {baseline} | % of limit |", "|---|---|---|---|---|---|"]
+    for workload, r in results.items():
+        m = r["medians"]
+        for step in steps:
+            limit, base = m[(limit_of[step], step)], m[(baseline, step)]
+            for name in r["providers"]:
+                t = m[(name, step)]
+                lines.append(f"| {workload} ({size_label(r)}) | {step} | {name} | {t * 1e3:.2f} | {base / t:.2f} | "
+                             f"{limit / t:.0%} |")
+    return "\n".join(lines) + "\n"
 
 
 def run_and_save(title: str, note: str, workloads: dict, bench_one: Callable, markdown: Callable[[dict], str], *,

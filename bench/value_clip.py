@@ -14,13 +14,12 @@ Usage: python -m bench.value_clip [--repeats N] [--device D] [--out DIR]
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 
 import fastclip
 from bench.run import Timer, parameters_for
-from bench.timing import interleaved_samples, run_and_save
+from bench.timing import median_times, ratio_table, run_and_save
 from bench.workloads import MIB, gpt2_shapes, llama_shapes, make_grads, with_dtype
 
 STEPS = {"none outside": 1e4, "a third outside": 1e-3}
@@ -58,31 +57,13 @@ def bench_workload(spec, device: str, repeats: int, timer: Timer, progress) -> d
     flat = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
     limits = {"one read": lambda: flat.sum(), "read + write": lambda: flat.mul_(1.0)}
 
-    def measure(name):
-        for step, value in STEPS.items():
-            if name in limits:
-                if LIMITS[step] == name:
-                    yield step, timer(limits[name])
-            else:
-                torch._foreach_copy_(grads, pristine)
-                yield step, timer(lambda: table[name](params, value))
-
-    samples = interleaved_samples(list(table) + list(limits), measure, repeats, progress)
-    return {"medians": {k: statistics.median(v) for k, v in samples.items()}, "providers": list(table),
-            "nbytes": nbytes, "count": len(grads)}
+    medians = median_times(STEPS, limits, LIMITS, table, lambda: torch._foreach_copy_(grads, pristine),
+                           lambda name, step: lambda: table[name](params, STEPS[step]), timer, repeats, progress)
+    return {"medians": medians, "providers": list(table), "nbytes": nbytes, "count": len(grads)}
 
 
 def markdown(results: dict[str, dict]) -> str:
-    lines = ["| workload | step | provider | ms | x torch | % of limit |", "|---|---|---|---|---|---|"]
-    for workload, r in results.items():
-        m = r["medians"]
-        for step in STEPS:
-            limit, base = m[(LIMITS[step], step)], m[("torch", step)]
-            for name in r["providers"]:
-                t = m[(name, step)]
-                lines.append(f"| {workload} ({r['count']} tensors, {r['nbytes'] / MIB:.0f} MiB) | {step} | {name} | "
-                             f"{t * 1e3:.2f} | {base / t:.2f} | {limit / t:.0%} |")
-    return "\n".join(lines) + "\n"
+    return ratio_table(results, STEPS, LIMITS, "torch", lambda r: f"{r['count']} tensors, {r['nbytes'] / MIB:.0f} MiB")
 
 
 def main() -> None:

@@ -169,3 +169,38 @@ def test_agc_bench_tiny_run_reports_every_provider():
                                 _NoProgress())
     text = agc.markdown({"tiny": result})
     assert text.count("| timm |") == 2 and text.count("| fastclip cpp |") == 2
+
+
+def _needs_zclip():
+    import importlib.util
+
+    if importlib.util.find_spec("zclip") is None:
+        pytest.skip("zclip is not installed (scripts/setup-env.sh installs it with --no-deps)")
+
+
+def test_zclip_bench_gate_rejects_a_provider_that_is_not_the_reference(monkeypatch):
+    """bench/adaptive.py checks every clipper against the zclip package's class before timing."""
+    _needs_zclip()
+    from bench import adaptive
+
+    real = adaptive.providers
+
+    def with_a_wrong_one(device, max_grad_norm):
+        table = real(device, max_grad_norm)
+        halving = fastclip.ZClip(max_grad_norm=None if max_grad_norm is None else max_grad_norm / 2)
+        table["caps at half"] = lambda params, module: halving.clip_(params)
+        return table
+
+    monkeypatch.setattr(adaptive, "providers", with_a_wrong_one)
+    with pytest.raises(AssertionError, match="caps at half, clips"):
+        adaptive.bench_workload(with_dtype([(300, 4), (40,)], torch.float32), "cpu", 1, run.Timer("cpu"), _NoProgress())
+
+
+def test_zclip_bench_tiny_run_reports_every_provider():
+    _needs_zclip()
+    from bench import adaptive
+
+    result = adaptive.bench_workload(with_dtype([(300, 4), (40,)], torch.bfloat16), "cpu", 2, run.Timer("cpu"),
+                                     _NoProgress())
+    text = adaptive.markdown({"tiny": result})
+    assert text.count("| zclip (reference) |") == 2 and text.count("| fastclip cpp |") == 2
