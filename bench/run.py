@@ -19,10 +19,13 @@ import argparse
 import datetime
 import os
 import platform
+import statistics
 import time
 
 import torch
 from tqdm import tqdm
+
+import fastclip
 
 from bench import report
 from bench.providers import is_fastclip_or_torch, providers
@@ -133,6 +136,22 @@ def bench_workload(workload: Workload, device: str, repeats: int, timer: Timer, 
     return report.Result(workload, samples, failures, list(table))
 
 
+def host_overhead_per_tensor(device: str, backend: str, count: int, repeats: int, timer: Timer) -> float:
+    """Microseconds per tensor that one ``fastclip.clip_`` call (no clipping) costs above building the
+    list of gradients, on ``count`` one-element fp32 gradients, so that the bytes do not count:
+    medians of interleaved calls of each."""
+    params = parameters_for([torch.ones(1, device=device) for _ in range(count)])
+    calls = {"clip_": lambda: fastclip.clip_(params, 1e9, backend=backend),
+             "list": lambda: [p.grad for p in params if p.grad is not None]}
+    samples = {name: [] for name in calls}
+    for round_index in range(repeats + WARMUP_ROUNDS):
+        for name, call in calls.items():
+            seconds = timer(call)
+            if round_index >= WARMUP_ROUNDS:
+                samples[name].append(seconds)
+    return (statistics.median(samples["clip_"]) - statistics.median(samples["list"])) / count * 1e6
+
+
 def device_description(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
@@ -165,7 +184,12 @@ def main() -> None:
         for workload in workloads:
             progress.set_postfix_str(workload.name)
             results.append(bench_workload(workload, args.device, repeats, timer, progress))
-    markdown = header + "\n" + report.markdown(results)
+    fused = [name for name in ("cpp", "triton") if name in fastclip.available_backends(args.device)]
+    overhead = None
+    if fused:
+        count = 10_000
+        overhead = (f"fastclip {fused[0]}", count, host_overhead_per_tensor(args.device, fused[0], count, repeats, timer))
+    markdown = header + "\n" + report.markdown(results, overhead)
     print(markdown[len(header):], flush=True)
     written = report.save(results, markdown, machine, args.preset, args.out)
     print("written: " + ", ".join(written))

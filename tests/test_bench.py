@@ -204,3 +204,15 @@ def test_zclip_bench_tiny_run_reports_every_provider():
                                      _NoProgress())
     text = adaptive.markdown({"tiny": result})
     assert text.count("| zclip (reference) |") == 2 and text.count("| fastclip cpp |") == 2
+
+
+def test_host_overhead_line_is_measured_and_reported():
+    """The CPU-speed issue's host-overhead figure: measured on tiny gradients, reported with its target."""
+    micros = run.host_overhead_per_tensor("cpu", "cpp" if "cpp" in fastclip.available_backends("cpu") else "torch", 200,
+                                          2, run.Timer("cpu"))
+    assert math.isfinite(micros) and -5 < micros < 1000
+    workload = Workload("2000 x 8K fp32", with_dtype([(100,)] * 3, torch.float32), "target", "float32")
+    text = report.markdown([run.bench_workload(workload, "cpu", 2, run.Timer("cpu"), _NoProgress())],
+                           ("fastclip cpp", 200, micros))
+    assert "Host overhead per tensor (200 one-element fp32 gradients" in text and "target <= 0.1 us" in text
+    assert "Targets of the CPU-speed issue" in text and "2000 x 8K: x torch clip_grad_norm_" in text
