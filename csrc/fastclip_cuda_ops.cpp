@@ -200,6 +200,14 @@ at::Tensor clip_cuda(at::TensorList grads, double max_norm, double norm_type, bo
   return run(grads, norm, total_norm_type(grads), max_norm, /*compute_norm=*/true, /*scale=*/true, nullptr);
 }
 
+std::tuple<at::Tensor, at::Tensor> tensor_norms_cuda(at::TensorList tensors, double norm_type) {
+  const Norm norm = checked_norm(tensors, norm_type, "tensor_norms");
+  at::Tensor tensor_norms;
+  at::Tensor total = run(tensors, norm, total_norm_type(tensors), 0.0, /*compute_norm=*/true, /*scale=*/false, nullptr,
+                         &tensor_norms);
+  return {total, tensor_norms};
+}
+
 std::tuple<at::Tensor, at::Tensor> clip_with_tensor_norms_cuda(at::TensorList grads, double max_norm, double norm_type) {
   const Norm norm = checked_norm(grads, norm_type, "clip_with_tensor_norms_");
   at::Tensor tensor_norms;
@@ -234,6 +242,7 @@ void clamp_values_cuda(at::TensorList grads, double clip_value) {
 
 TORCH_LIBRARY_IMPL(fastclip, CUDA, m) {
   m.impl("total_norm", &total_norm_cuda);
+  m.impl("tensor_norms", &tensor_norms_cuda);
   m.impl("clip_", &clip_cuda);
   m.impl("scale_with_norm_", &scale_with_norm_cuda);
   m.impl("clip_with_tensor_norms_", &clip_with_tensor_norms_cuda);

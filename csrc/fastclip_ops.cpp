@@ -64,18 +64,32 @@ at::Tensor clip_with_torch_norms(at::TensorList grads, double max_norm, Norm nor
   return at::scalar_tensor(result.total_norm, at::TensorOptions().dtype(total_type));
 }
 
+// torch's total norm of tensors, from their per-tensor norms, which go to tensor_norms_out (one double
+// per tensor, each rounded to its tensor's dtype).
+at::Tensor torch_total_norm(at::TensorList tensors, Norm norm, double* tensor_norms_out) {
+  const at::ScalarType total_type = total_norm_type(tensors);
+  KernelTensors kernel_tensors(tensors, total_type);
+  cpu::tensor_norms(kernel_tensors.views.data(), kernel_tensors.views.size(), norm, aten_parallel_for(),
+                    tensor_norms_out);
+  const double total = cpu::total_norm(tensor_norms_out, tensors.size(), norm, kernel_dtype(total_type));
+  return at::scalar_tensor(total, at::TensorOptions().dtype(total_type));
+}
+
 at::Tensor total_norm_cpu(at::TensorList tensors, double norm_type, bool overflow_safe) {
   const Norm norm = checked_norm(tensors, norm_type, "total_norm");
   if (overflow_safe) {
     const at::ScalarType type = overflow_safe_total_type(tensors);
     return overflow_safe_total(KernelTensors(tensors, type), norm, type);
   }
-  const at::ScalarType total_type = total_norm_type(tensors);
-  KernelTensors kernel_tensors(tensors, total_type);
   std::vector<double> norms(tensors.size());
-  cpu::tensor_norms(kernel_tensors.views.data(), kernel_tensors.views.size(), norm, aten_parallel_for(), norms.data());
-  const double total = cpu::total_norm(norms.data(), norms.size(), norm, kernel_dtype(total_type));
-  return at::scalar_tensor(total, at::TensorOptions().dtype(total_type));
+  return torch_total_norm(tensors, norm, norms.data());
+}
+
+std::tuple<at::Tensor, at::Tensor> tensor_norms_cpu(at::TensorList tensors, double norm_type) {
+  const Norm norm = checked_norm(tensors, norm_type, "tensor_norms");
+  at::Tensor norms = at::empty({static_cast<int64_t>(tensors.size())}, at::TensorOptions().dtype(at::kDouble));
+  at::Tensor total = torch_total_norm(tensors, norm, norms.data_ptr<double>());
+  return {total, norms};
 }
 
 at::Tensor clip_cpu(at::TensorList grads, double max_norm, double norm_type, bool overflow_safe) {
@@ -194,6 +208,9 @@ void adaptive_clip_cpu(at::TensorList params, at::TensorList grads, double clip_
 
 TORCH_LIBRARY(fastclip, m) {
   m.def("total_norm(Tensor[] tensors, float norm_type, bool overflow_safe=False) -> Tensor");
+  // total_norm that also returns each tensor's norm (float64, as torch's per-tensor norms, rounded to
+  // the tensor's dtype), writing nothing: the per-tensor clippers' (AdaGC's) one read.
+  m.def("tensor_norms(Tensor[] tensors, float norm_type) -> (Tensor, Tensor)");
   m.def("clip_(Tensor(a!)[] grads, float max_norm, float norm_type, bool overflow_safe=False) -> Tensor");
   m.def("scale_with_norm_(Tensor(a!)[] grads, float max_norm, Tensor total_norm) -> ()");
   // clip_ that also returns each gradient's norm (float64, as torch's per-tensor norms, rounded to
@@ -213,6 +230,7 @@ TORCH_LIBRARY(fastclip, m) {
 
 TORCH_LIBRARY_IMPL(fastclip, CPU, m) {
   m.impl("total_norm", &total_norm_cpu);
+  m.impl("tensor_norms", &tensor_norms_cpu);
   m.impl("clip_", &clip_cpu);
   m.impl("scale_with_norm_", &scale_with_norm_cpu);
   m.impl("clip_with_tensor_norms_", &clip_with_tensor_norms_cpu);

@@ -9,6 +9,7 @@ from fastclip.api import (
     clip_grad_value_,
     clip_grads_with_norm_,
     clip_with_tensor_norms_,
+    get_tensor_norms,
     get_total_norm,
 )
 from fastclip.adaptive import AdaGC, QuantileClip, RunningAverageClip, ZClip
@@ -38,6 +39,7 @@ __all__ = [
     "clip_per_tensor_",
     "clip_with_tensor_norms_",
     "clipped_step",
+    "get_tensor_norms",
     "get_total_norm",
     "patch_torch",
     "unscale_clip_",

@@ -22,7 +22,7 @@ import torch
 from fastclip import api
 from fastclip._device_state import FollowsDevice
 from fastclip._dispatch import select_backend
-from fastclip._inputs import TensorOrTensors, as_tensor_list, grads_of
+from fastclip._inputs import TensorOrTensors, as_tensor_list, check_gradients, grads_of, summarize
 
 
 # Scalar state is kept in one-element vectors, not 0-dim tensors: torch.compile (2.13) drops an
@@ -65,7 +65,7 @@ class _AdaptiveClip(FollowsDevice):
         Returns:
             Total L2 norm of the gradients before clipping, as ``clip_grad_norm_`` returns it.
         """
-        grads = grads_of(as_tensor_list(parameters, "parameters", warn_empty_generator=True))
+        grads = self._checked_grads(parameters)
         if not grads:
             return torch.tensor(0.0)
         norm = api.get_total_norm(grads, 2.0, backend=self.backend)
@@ -74,8 +74,19 @@ class _AdaptiveClip(FollowsDevice):
         self._scale_by(grads, self.last_coefficient)
         return norm
 
+    def _checked_grads(self, parameters: TensorOrTensors) -> list[torch.Tensor]:
+        """The gradients of ``parameters``, refused before anything (state included) changes if they
+        cannot be scaled in place; also picks the backend that will scale them."""
+        grads = grads_of(as_tensor_list(parameters, "parameters", warn_empty_generator=True))
+        summary = summarize(grads)
+        check_gradients(grads, summary, "parameters", written=True)
+        if grads:
+            self._scaler = select_backend(self.backend, grads, None, summary, operation="scale_by_")
+        return grads
+
     def _scale_by(self, grads: list[torch.Tensor], coefficients: torch.Tensor) -> None:
-        select_backend(self.backend, grads, None, operation="scale_by_").scale_by_(grads, coefficients)
+        """Multiply ``grads`` by ``coefficients`` with the backend :meth:`_checked_grads` picked."""
+        self._scaler.scale_by_(grads, coefficients)
 
     def _config(self) -> dict:
         raise NotImplementedError
@@ -356,8 +367,7 @@ class AdaGC(_AdaptiveClip):
         Raises:
             ValueError: a different number of gradients than on the first step.
         """
-        parameters = as_tensor_list(parameters, "parameters", warn_empty_generator=True)
-        grads = grads_of(parameters)
+        grads = self._checked_grads(parameters)
         if not grads:
             return torch.tensor(0.0)
         if self.num_tensors is None:
@@ -366,8 +376,9 @@ class AdaGC(_AdaptiveClip):
         elif len(grads) != self.num_tensors:
             raise ValueError(f"AdaGC keeps one threshold per gradient: {self.num_tensors} on its first step, "
                              f"{len(grads)} now")
-        # One fused read for the total and every gradient's norm; an infinite max_norm writes nothing.
-        total, norms = api.clip_with_tensor_norms_(parameters, math.inf, 2.0, backend=self.backend)
+        # One fused read for the total and every gradient's norm, writing nothing: a NaN or inf in one
+        # gradient must reach only that gradient's coefficient (after warm-up), as in the reference.
+        total, norms = api.get_tensor_norms(grads, 2.0, backend=self.backend)
         self._follow(total.device)
         coefficients = self._coefficients(total.detach().to(torch.float64), norms.to(self._device))
         self._scale_by(grads, coefficients)

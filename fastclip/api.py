@@ -176,6 +176,34 @@ def clip_with_tensor_norms_(
 
 
 @torch.no_grad()
+def get_tensor_norms(
+    tensors: TensorOrTensors, norm_type: float | str = 2.0, *, backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r""":func:`get_total_norm` that also returns each tensor's norm, from the same pass; writes nothing.
+
+    What per-tensor clippers (:class:`fastclip.AdaGC`) read first: a NaN or inf in one gradient makes
+    the total non-finite, but leaves the other tensors' norms as they are.
+
+    Args:
+        tensors (Iterable[Tensor] or Tensor): the tensors (typically gradients) to measure.
+        norm_type (float or str): as in :func:`clip_`. Default: 2.0
+        backend (str): as in :func:`clip_`. Default: ``"auto"``
+
+    Returns:
+        (total norm, per-tensor norms): the total as :func:`get_total_norm` returns it; the per-tensor
+        norms as :func:`clip_with_tensor_norms_` returns them (float64, on the tensors' device, each
+        the norm torch computes for that tensor, in its dtype's precision).
+    """
+    tensors = as_tensor_list(tensors, "tensors", warn_empty_generator=False)
+    norm_type = parse_norm_type(norm_type)
+    tensors, impl, _, _ = _prepare(tensors, "tensors", norm_type, False, None, backend, written=False,
+                                   shardable=False)
+    if not tensors:
+        return torch.tensor(0.0), torch.zeros(0, dtype=torch.float64)
+    return impl.tensor_norms(tensors, norm_type)
+
+
+@torch.no_grad()
 def get_total_norm(
     tensors: TensorOrTensors,
     norm_type: float | str = 2.0,

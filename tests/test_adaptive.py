@@ -274,6 +274,49 @@ def test_adagc_matches_its_reference_within_float32_rounding(warmup_steps, backe
     assert clipped >= 4
 
 
+@pytest.mark.parametrize("bad_step", [5, 15], ids=["in warm-up", "after warm-up"])
+def test_adagc_non_finite_gradients_poison_what_the_reference_poisons(bad_step, backend):
+    """A NaN in one gradient and an inf in another: in warm-up the global norm is non-finite and the
+    reference scales every gradient by it (NaN / 0); after warm-up each gradient has its own
+    coefficient, so only the two bad ones (and their thresholds) become NaN and the others go on being
+    clipped as before. fastclip must measure the norms without writing, or the whole step is NaN."""
+    clipper = AdaGC(warmup_steps=10, backend=backend)
+    reference = AdaGCReference(warmup_steps=10)
+    for step, grads in enumerate(recorded_run(25)):
+        if step in (bad_step, bad_step + 3):
+            grads = [g.clone() for g in grads]
+            grads[0][0, 0] = math.nan
+            grads[1][-1] = math.inf
+        params = params_with(grads)
+        expected = [g.clone() for g in grads]
+        clipper.clip_(params)
+        reference.clip_(expected)
+        for i, (p, e) in enumerate(zip(params, expected)):
+            torch.testing.assert_close(p.grad, e, rtol=1e-5, atol=0, equal_nan=True,
+                                       msg=lambda m: f"step {step}, gradient {i}: {m}")
+        if step >= bad_step and bad_step >= 10:
+            assert torch.isfinite(params[2].grad).all(), f"step {step}: a finite gradient became NaN"
+    assert torch.isnan(clipper.gamma[:2]).all()
+    assert torch.isfinite(clipper.gamma[2:]).all() == (bad_step >= 10)
+
+
+def test_adaptive_clippers_refuse_shared_gradients_before_changing_anything():
+    """Two gradients that are views of one buffer would be scaled twice: refused before the clipper's
+    state or any gradient changes, as fastclip.clip_ refuses them."""
+    for make in [RunningAverageClip, ZClip, QuantileClip, lambda: AdaGC(warmup_steps=10)]:
+        clipper = make()
+        clipper.clip_(params_with([torch.full((4,), 3.0), torch.full((4,), 4.0)]))
+        state = copy.deepcopy(clipper.state_dict())
+        params = [torch.nn.Parameter(torch.zeros(4)) for _ in range(2)]
+        shared = torch.full((8,), 5.0)
+        params[0].grad, params[1].grad = shared[:4], shared[2:6]
+        with pytest.raises(ValueError, match="share memory"):
+            clipper.clip_(params)
+        assert torch.equal(shared, torch.full((8,), 5.0))
+        for key, value in clipper.state_dict().items():
+            assert torch.equal(value, state[key]) if isinstance(value, torch.Tensor) else value == state[key]
+
+
 def test_adagc_state_dict_and_refusals():
     run = recorded_run(40)
     whole, first = AdaGC(warmup_steps=10), AdaGC(warmup_steps=10)

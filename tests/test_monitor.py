@@ -80,6 +80,32 @@ def test_tensor_norms_are_torchs_per_tensor_norms(backend, norm_type):
             assert_same(p.grad, q.grad, "gradient")
 
 
+@pytest.mark.parametrize("norm_type", [math.inf, 2.0], ids=str)
+def test_get_tensor_norms_measures_without_writing(backend, norm_type):
+    """get_tensor_norms: the per-tensor norms torch computes (exact cases as above), the total
+    get_total_norm gives (the same backend's bits), and not one gradient written, even when one holds
+    NaN and another inf (a clip by that total would make every gradient NaN)."""
+    values = "randn" if norm_type == math.inf else "dyadic"
+    specs = [GradSpec((100,), values=values), GradSpec((70_000,), torch.bfloat16, values=values),
+             GradSpec((3, 5), torch.float16, "transposed", values=values), GradSpec((), torch.float64, values=values),
+             GradSpec((40,), values=values)]
+    params, _ = build(specs, seed=3)
+    grads = [p.grad for p in params]
+    grads[0][7] = math.nan
+    grads[4][1] = -math.inf
+    before = [g.clone() for g in grads]
+    total, norms = fastclip.get_tensor_norms(grads, norm_type, backend=backend)
+    for g, b in zip(grads, before):
+        assert_same(g, b, "gradient (must not be written)")
+    expected = torch.stack([torch.linalg.vector_norm(g, norm_type).double() for g in before])
+    assert_same(norms, expected, "per-tensor norms")
+    assert_same(total, fastclip.get_total_norm(grads, norm_type, backend=backend), "total norm")
+    # The finite gradients alone: their norms are the same values, the total finite.
+    finite_total, finite_norms = fastclip.get_tensor_norms(grads[1:4], norm_type, backend=backend)
+    assert_same(finite_norms, expected[1:4], "per-tensor norms of the finite gradients")
+    assert_same(finite_total, torch.nn.utils.get_total_norm(before[1:4], norm_type), "finite total")
+
+
 def test_invalid_settings_are_refused():
     with pytest.raises(ValueError, match="max_norm"):
         fastclip.ClipMonitor(max_norm=-1.0)

@@ -35,11 +35,13 @@ def _cases(device: str):
         (torch.ops.fastclip.clip_.default, (tensors, 0.1, 2.0, True)),
         (torch.ops.fastclip.clip_with_tensor_norms_.default, (tensors, 0.1, 2.0)),
         (torch.ops.fastclip.clamp_values_.default, (tensors, 0.3)),
+        (torch.ops.fastclip.tensor_norms.default, (tensors, 2.0)),
+        (torch.ops.fastclip.tensor_norms.default, (tensors, float("inf"))),
     ]
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", range(9))
+@pytest.mark.parametrize("case", range(11))
 def test_opcheck(device, case):
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device visible")
@@ -50,16 +52,18 @@ def test_opcheck(device, case):
     torch.library.opcheck(op, args)
 
 
+@pytest.mark.parametrize("op", ["clip_with_tensor_norms_", "tensor_norms"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_per_tensor_norms_are_a_tensor_of_their_own(device):
-    """clip_with_tensor_norms_ returns the per-tensor norms as a fresh tensor, as its fake kernel
-    does: not a view into the kernel's scratch (storage offset, aliasing, and the whole scratch
+def test_per_tensor_norms_are_a_tensor_of_their_own(device, op):
+    """The ops that return per-tensor norms return them as a fresh tensor, as their fake kernels
+    do: not a view into the kernel's scratch (storage offset, aliasing, and the whole scratch
     kept alive as long as the norms are)."""
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device visible")
     require_backend("cpp", device)
     tensors = _tensors(device)
-    _, norms = torch.ops.fastclip.clip_with_tensor_norms_.default(tensors, 0.1, 2.0)
+    args = (tensors, 0.1, 2.0) if op == "clip_with_tensor_norms_" else (tensors, 2.0)
+    _, norms = getattr(torch.ops.fastclip, op).default(*args)
     assert norms.shape == (len(tensors),) and norms.dtype == torch.float64
     assert norms.storage_offset() == 0, norms.storage_offset()
     assert norms.untyped_storage().nbytes() == len(tensors) * 8, norms.untyped_storage().nbytes()

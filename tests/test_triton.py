@@ -100,7 +100,8 @@ _CAPTURE_SCRIPT = textwrap.dedent(
         per_tensor = torch.ops.fastclip_triton.clip_per_tensor_(grads, 1.0, 2.0)
         torch.ops.fastclip_triton.scale_by_(grads, per_tensor)
         clipped = torch.ops.fastclip_triton.clip_(grads, 0.5, 2.0) + torch.ops.fastclip_triton.total_norm(grads, 2.0)
-        return clipped + per_tensor.sum()
+        total, norms = torch.ops.fastclip_triton.tensor_norms(grads, 2.0)
+        return clipped + per_tensor.sum() + total + norms.sum()
 
     torch.compile(step, fullgraph=True, backend=capture)([torch.randn(100), torch.randn(7, dtype=torch.bfloat16)],
                                                          torch.tensor(3.0))
@@ -119,7 +120,8 @@ def test_torch_compile_fullgraph_captures_the_ops(kernels):
     result = subprocess.run([sys.executable, "-c", _CAPTURE_SCRIPT], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     for op in ("fastclip_triton.scale_with_norm_", "fastclip_triton.clip_", "fastclip_triton.total_norm",
-               "fastclip_triton.adaptive_clip_", "fastclip_triton.clip_per_tensor_", "fastclip_triton.scale_by_"):
+               "fastclip_triton.adaptive_clip_", "fastclip_triton.clip_per_tensor_", "fastclip_triton.scale_by_",
+               "fastclip_triton.tensor_norms"):
         assert op in result.stdout, result.stdout
 
 

@@ -553,6 +553,18 @@ def total_norm(tensors: List[torch.Tensor], norm_type: float, overflow_safe: boo
     return total
 
 
+@torch.library.custom_op("fastclip_triton::tensor_norms", mutates_args=())
+def tensor_norms(tensors: List[torch.Tensor], norm_type: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """total_norm that also returns the per-tensor norms (float64, each rounded to its tensor's dtype;
+    0 for an empty tensor), from its one launch."""
+    total_dtype = _total_dtype(tensors, "tensor_norms", False)
+    dense, _ = dense_tensors(tensors)
+    norms = torch.zeros(len(tensors), dtype=torch.float64, device=tensors[0].device)
+    with device_guard(tensors[0].device):
+        total, _, _ = run_norm(dense, norm_type, 1.0, total_dtype, False, norms)
+    return total, norms
+
+
 def _clip(grads: list[torch.Tensor], max_norm: float, norm_type: float, overflow_safe: bool, what: str,
           with_tensor_norms: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Both launches of a clip; returns the total norm and, if asked, the per-tensor norms."""
@@ -633,6 +645,12 @@ def _(tensors, norm_type, overflow_safe=False):
 @clip_.register_fake
 def _(grads, max_norm, norm_type, overflow_safe=False):
     return grads[0].new_empty((), dtype=_total_dtype(grads, "clip_", overflow_safe))
+
+
+@tensor_norms.register_fake
+def _(tensors, norm_type):
+    total = tensors[0].new_empty((), dtype=_total_dtype(tensors, "tensor_norms", False))
+    return total, tensors[0].new_empty((len(tensors),), dtype=torch.float64)
 
 
 @clip_with_tensor_norms_.register_fake

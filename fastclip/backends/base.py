@@ -54,6 +54,11 @@ class Backend:
         with ``overflow_safe``, the scaled norm of :func:`fastclip.clip_`'s ``overflow_safe``."""
         raise NotImplementedError
 
+    def tensor_norms(self, tensors: list[torch.Tensor], norm_type: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(total norm, per-tensor norms) of ``tensors`` (a non-empty list), writing nothing: the total
+        as :meth:`get_total_norm` gives it, the per-tensor norms as :meth:`clip_with_tensor_norms_`."""
+        raise NotImplementedError
+
     def clip_grads_with_norm_(
         self, grads: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor, foreach: bool | None
     ) -> None:

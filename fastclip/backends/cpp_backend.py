@@ -28,6 +28,11 @@ def _register_fake_kernels() -> None:
     def _(grads, max_norm, norm_type, overflow_safe=False):
         return grads[0].new_empty((), dtype=total_norm_dtype(grads, overflow_safe))
 
+    @torch.library.register_fake("fastclip::tensor_norms")
+    def _(tensors, norm_type):
+        return (tensors[0].new_empty((), dtype=total_norm_dtype(tensors, False)),
+                tensors[0].new_empty((len(tensors),), dtype=torch.float64))
+
     @torch.library.register_fake("fastclip::clip_with_tensor_norms_")
     def _(grads, max_norm, norm_type):
         return (grads[0].new_empty((), dtype=total_norm_dtype(grads, False)),
@@ -87,6 +92,9 @@ class CppBackend(Backend):
 
     def clip_with_tensor_norms_(self, grads, max_norm, norm_type):
         return torch.ops.fastclip.clip_with_tensor_norms_(grads, max_norm, norm_type)
+
+    def tensor_norms(self, tensors, norm_type):
+        return torch.ops.fastclip.tensor_norms(tensors, norm_type)
 
     def clip_grads_with_norm_(self, grads, max_norm, total_norm, foreach):
         torch.ops.fastclip.scale_with_norm_(grads, max_norm, total_norm.to(grads[0].device))

@@ -114,12 +114,12 @@ class TorchBackend(Backend):
             return overflow_safe_total_norm(tensors, norm_type)
         return _torch_get_total_norm(tensors, norm_type, False, foreach)
 
-    def clip_with_tensor_norms_(self, grads, max_norm, norm_type):
+    def tensor_norms(self, tensors, norm_type):
         # torch's own first step computes these norms; kept instead of discarded. The total stacks
         # them in torch's (group) order, so it is torch's bits (E1).
-        first_device = grads[0].device
-        in_group_order, by_position = [], [None] * len(grads)
-        for (device, _), ([group], indices) in _group_tensors_by_device_and_dtype([grads], with_indices=True).items():
+        first_device = tensors[0].device
+        in_group_order, by_position = [], [None] * len(tensors)
+        for (device, _), ([group], indices) in _group_tensors_by_device_and_dtype([tensors], with_indices=True).items():
             if _use_foreach(None, group, device):
                 group_norms = torch._foreach_norm(group, norm_type)
             else:
@@ -128,8 +128,12 @@ class TorchBackend(Backend):
             for i, n in zip(indices, group_norms):
                 by_position[i] = n.to(first_device, torch.float64)
         total_norm = torch.linalg.vector_norm(torch.stack([n.to(first_device) for n in in_group_order]), norm_type)
-        self.clip_grads_with_norm_(grads, max_norm, total_norm, None)
         return total_norm, torch.stack(by_position)
+
+    def clip_with_tensor_norms_(self, grads, max_norm, norm_type):
+        total_norm, norms = self.tensor_norms(grads, norm_type)
+        self.clip_grads_with_norm_(grads, max_norm, total_norm, None)
+        return total_norm, norms
 
     def clip_grads_with_norm_(self, grads, max_norm, total_norm, foreach):
         scale_grads_(grads, clip_coefficient(total_norm, max_norm), foreach)

@@ -98,6 +98,9 @@ class TritonBackend(Backend):
     def clip_with_tensor_norms_(self, grads, max_norm, norm_type):
         return torch.ops.fastclip_triton.clip_with_tensor_norms_(grads, max_norm, norm_type)
 
+    def tensor_norms(self, tensors, norm_type):
+        return torch.ops.fastclip_triton.tensor_norms(tensors, norm_type)
+
     def clip_grads_with_norm_(self, grads, max_norm, total_norm, foreach):
         torch.ops.fastclip_triton.scale_with_norm_(grads, max_norm, total_norm)
 
