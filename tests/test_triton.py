@@ -24,22 +24,6 @@ def kernels():
     return fastclip.triton_kernels.clip
 
 
-@pytest.mark.parametrize("num_tensors", [1, 3, 300])
-@pytest.mark.parametrize("max_norm", [1e-3, 1e6], ids=["clips", "no_clip"])
-def test_two_launches_whatever_the_number_of_tensors(kernels, monkeypatch, num_tensors, max_norm):
-    launched = []
-    real_wrap_triton = kernels.wrap_triton
-
-    def counting_wrap_triton(kernel):
-        launched.append(kernel)
-        return real_wrap_triton(kernel)
-
-    monkeypatch.setattr(kernels, "wrap_triton", counting_wrap_triton)
-    grads = [torch.randn(5 + i % 70_000, dtype=(torch.float32, torch.bfloat16)[i % 2]) for i in range(num_tensors)]
-    kernels.clip_(grads, max_norm, 2.0)
-    assert len(launched) == 2  # the norm kernel and the scale kernel (which returns if not clipping)
-
-
 def _count_launches(monkeypatch, module) -> list:
     """The kernels ``module`` launches from now on (every launch goes through its wrap_triton)."""
     launched = []
@@ -51,6 +35,18 @@ def _count_launches(monkeypatch, module) -> list:
 
     monkeypatch.setattr(module, "wrap_triton", counting_wrap_triton)
     return launched
+
+
+@pytest.mark.parametrize("num_tensors", [1, 3, 300])
+@pytest.mark.parametrize("max_norm", [1e-3, 1e6], ids=["clips", "no_clip"])
+def test_two_launches_whatever_the_number_of_tensors(kernels, monkeypatch, num_tensors, max_norm):
+    launched = _count_launches(monkeypatch, kernels)
+    grads = [torch.randn(5 + i % 70_000, dtype=(torch.float32, torch.bfloat16)[i % 2]) for i in range(num_tensors)]
+    kernels.clip_(grads, max_norm, 2.0)
+    assert len(launched) == 2  # the norm kernel and the scale kernel (which returns if not clipping)
+    norms_only = _count_launches(monkeypatch, kernels)
+    kernels.tensor_norms(grads, 2.0)
+    assert len(norms_only) == 1  # tensor_norms: the norm kernel alone
 
 
 @pytest.mark.parametrize("num_tensors", [1, 130])
