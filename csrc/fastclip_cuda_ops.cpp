@@ -120,7 +120,7 @@ struct CudaKernelTensors : DenseTensors {
       const at::Tensor& t = tensors[i];
       const auto mode = t.dim() == 0 && t.scalar_type() != coefficient_type ? cuda::ScaleMode::kPromoted
                                                                              : cuda::ScaleMode::kCoefficientInGradType;
-      grads.push_back({dense[i].data_ptr(), dense[i].numel(), kernel_dtype(t.scalar_type()), mode});
+      grads.push_back({dense[i]->data_ptr(), dense[i]->numel(), kernel_dtype(t.scalar_type()), mode});
     }
   }
 };
@@ -237,6 +237,12 @@ void clamp_values_cuda(at::TensorList grads, double clip_value) {
   C10_CUDA_CHECK(cuda::launch_clamp(cached->device.data_ptr(), cached->layout, clip_value, current.stream()));
   kernel_tensors.write_back();
 }
+
+// For the direct entries: set while the library loads, before Python can call them.
+[[maybe_unused]] const bool kCudaFunctionsSet = [] {
+  cuda_functions() = {&clip_cuda, &total_norm_cuda};
+  return true;
+}();
 
 }  // namespace
 

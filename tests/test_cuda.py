@@ -406,3 +406,26 @@ def test_every_method_captures_in_a_cuda_graph_after_warm_up(method):
     if clipper is not None:
         assert all(torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
                    for a, b in zip(clipper.state_dict().values(), twin.state_dict().values()))
+
+
+def test_direct_entries_on_cuda_give_the_operators_bits():
+    """fastclip._C.clip_ / total_norm on CUDA tensors (what eager cpp calls take) call the CUDA
+    operators' functions without the dispatcher: the same bits, the same current stream."""
+    from harness import assert_same, build
+
+    require_backend("cpp", "cuda")
+    import fastclip._C as direct
+
+    params, _ = build(_specs("many_tensors", "mixed"), seed=7, device="cuda")
+    grads = [p.grad for p in params if p.grad is not None]
+    for max_norm in (CLIPPING, NOT_CLIPPING):
+        ours, theirs = [g.clone() for g in grads], [g.clone() for g in grads]
+        assert_same(direct.clip_(ours, max_norm, 2.0, False), torch.ops.fastclip.clip_(theirs, max_norm, 2.0), "total")
+        for i, (a, b) in enumerate(zip(ours, theirs)):
+            assert_same(a, b, f"gradient {i}")
+    assert_same(direct.total_norm(grads, math.inf, False), torch.ops.fastclip.total_norm(grads, math.inf), "inf norm")
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        total = direct.clip_(grads, CLIPPING, 2.0, False)
+    stream.synchronize()
+    assert total.isfinite()

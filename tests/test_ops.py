@@ -81,3 +81,116 @@ def test_opcheck_adaptive_clip_on_cpu():
               torch.randn(4, 6).t().contiguous()]
     grads = [torch.randn_like(p) for p in params[:3]] + [torch.randn(4, 6).t()]
     torch.library.opcheck(torch.ops.fastclip.adaptive_clip_.default, (params, grads, 0.01, 1e-3))
+
+
+# The direct entries (fastclip._C.clip_ / total_norm / scale_by_): the CPU operators' functions called
+# without the dispatcher, for eager calls (cpp_backend._direct).
+
+
+def _direct_module():
+    require_backend("cpp")
+    import fastclip._C
+
+    return fastclip._C
+
+
+@pytest.mark.parametrize("case", ["scalars", "zero_size", "boundaries_65536", "non_contiguous", "many_tensors"])
+def test_direct_entries_give_the_operators_bits(case):
+    from harness import assert_same, build
+    from test_differential import _specs
+
+    direct = _direct_module()
+    params, _ = build(_specs(case, "mixed"), seed=5)
+    grads = [p.grad for p in params if p.grad is not None]
+    coefficients = torch.tensor([(0.3, 1.0, 1 / 3)[i % 3] for i in range(len(grads))], dtype=torch.float64)
+    calls = [
+        ("clip_", (0.01, 2.0, False)), ("clip_", (0.01, 1.0, False)), ("clip_", (1e9, 2.0, False)),
+        ("clip_", (0.01, 3.0, True)), ("total_norm", (2.0, False)), ("total_norm", (2.0, True)),
+        ("scale_by_", (coefficients,)), ("scale_by_", (torch.tensor(0.7, dtype=torch.float64),)),
+    ]
+    for name, args in calls:
+        ours, theirs = [g.clone() for g in grads], [g.clone() for g in grads]
+        result = getattr(direct, name)(ours, *args)
+        expected = getattr(torch.ops.fastclip, name)(theirs, *args)
+        if expected is None:
+            assert result is None
+        else:
+            assert_same(result, expected, f"{name}{args[:3]}: result")
+        for i, (a, b) in enumerate(zip(ours, theirs)):
+            assert_same(a, b, f"{name}{args[:3]}: gradient {i}")
+
+
+def test_direct_entries_borrow_without_changing_reference_counts():
+    """The tensors are borrowed: after many calls every Python reference count is what it was, and
+    the tensors (and their memory) are intact and usable."""
+    import sys
+
+    direct = _direct_module()
+    grads = [torch.ones(3), torch.full((2, 2), 2.0).t(), torch.ones(70_000, dtype=torch.bfloat16)]
+    counts = [sys.getrefcount(g) for g in grads]
+    for _ in range(200):
+        direct.clip_(grads, 1e9, 2.0, False)
+        direct.total_norm(grads, 2.0, False)
+        direct.scale_by_(grads, torch.ones((), dtype=torch.float64))
+    assert [sys.getrefcount(g) for g in grads] == counts
+    total = direct.clip_(grads, 1.0, 2.0, False)
+    assert torch.equal(total, torch.ops.fastclip.total_norm([torch.ones(3), torch.full((2, 2), 2.0),
+                                                             torch.ones(70_000, dtype=torch.bfloat16)], 2.0))
+    del grads  # the borrowed handles must not have kept (or freed) anything: nothing here may crash
+    import gc
+
+    gc.collect()
+
+
+def test_direct_entries_refuse_what_they_cannot_serve_as_the_operators_do():
+    direct = _direct_module()
+
+    class Subclass(torch.Tensor):
+        pass
+
+    assert direct.clip_((torch.ones(2),), 1.0, 2.0, False) is NotImplemented  # not a list
+    assert direct.clip_([torch.ones(2), torch.ones(2).as_subclass(Subclass)], 1.0, 2.0, False) is NotImplemented
+    assert direct.total_norm([torch.ones(2), 3.0], 2.0, False) is NotImplemented
+    for call in (lambda t: direct.clip_(t, 1.0, 2.0, False), lambda t: torch.ops.fastclip.clip_(t, 1.0, 2.0)):
+        with pytest.raises(RuntimeError, match="have no fused kernel"):  # the operator's own check and message
+            call([torch.ones(2), torch.ones(2, dtype=torch.int32)])
+    with pytest.raises(RuntimeError, match="needs at least one tensor"):  # (the dispatcher refuses it before)
+        direct.clip_([], 1.0, 2.0, False)
+    with pytest.raises(RuntimeError, match="infinity norm on an empty tensor"):
+        direct.total_norm([torch.ones(2), torch.ones(0)], float("inf"), False)
+    with pytest.raises(TypeError):
+        direct.clip_([torch.ones(2)], "one", 2.0, False)
+
+
+def test_the_backend_takes_the_direct_entry_only_where_nothing_must_see_the_operator(monkeypatch):
+    """Eager CPU calls go through fastclip._C.clip_; under a dispatch mode (which must see
+    fastclip::clip_, as FlopCounter or a debug mode do) the operator is called instead."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    direct = _direct_module()
+    real_clip = direct.clip_
+    direct_calls = []
+
+    def counting_clip(*args):
+        direct_calls.append(args)
+        return real_clip(*args)
+
+    monkeypatch.setattr(direct, "clip_", counting_clip)
+    params = [torch.nn.Parameter(torch.ones(3))]
+    params[0].grad = torch.full((3,), 4.0)
+    fastclip.clip_(params, 1.0, backend="cpp")
+    assert len(direct_calls) == 1
+
+    class RecordOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with RecordOps() as mode:
+        fastclip.clip_(params, 1.0, backend="cpp")
+    assert len(direct_calls) == 1
+    assert "fastclip.clip_.default" in mode.ops, mode.ops

@@ -27,6 +27,7 @@ inline char* element_address(const TensorView& t, int64_t index) {
 // Chunks of every tensor, in tensor order; first_chunk[t] .. first_chunk[t + 1] are tensor t's.
 inline std::vector<Chunk> make_chunks(const TensorView* tensors, int64_t count, std::vector<int64_t>& first_chunk) {
   std::vector<Chunk> chunks;
+  chunks.reserve(count);  // at least one chunk per non-empty tensor, usually exactly one
   first_chunk.assign(count + 1, 0);
   for (int64_t t = 0; t < count; ++t) {
     first_chunk[t] = static_cast<int64_t>(chunks.size());

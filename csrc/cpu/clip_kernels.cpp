@@ -118,6 +118,9 @@ inline double reduce_span(const typename E::Storage* x, int64_t n, double p, dou
   }
   double result = 0.0;
   for (; i < n; ++i) result = accumulate<K>(result, static_cast<double>(E::load(x[i])) * (kScaled ? scale : 1.0), p);
+  // Fewer elements than one step: every lane is still 0, and combining 0 into a partial (never
+  // negative, or NaN) changes no bit; small tensors skip that loop over 32 lanes.
+  if (n < kStep) return result;
   // A lane that reached inf has a NaN compensation (inf - inf): its sum is inf, and must stay so.
   for (int v = 0; v < kVectors; ++v)
     for (int l = 0; l < kWidth; ++l)
@@ -322,7 +325,9 @@ void tensor_norms(const TensorView* tensors, int64_t count, Norm norm, const Par
     for (int64_t i = begin; i < end; ++i) {
       const Chunk& c = chunks[i];
       const TensorView& t = tensors[c.tensor];
-      partials[i] = reduce(t.dtype, element_address(t, c.begin), c.end - c.begin, norm);
+      // A one-element tensor's norm is single_element_norm's (below); the vector loop's setup would
+      // cost more than the element itself.
+      if (t.numel != 1) partials[i] = reduce(t.dtype, element_address(t, c.begin), c.end - c.begin, norm);
     }
   });
   for (int64_t t = 0; t < count; ++t) {
