@@ -146,7 +146,7 @@ def extension_build():
     import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    sources = ["csrc/fastclip_ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    sources = ["csrc/fastclip_ops.cpp", "csrc/python_module.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     if cuda_home is None:
         extension = CppExtension("fastclip._C", sources, extra_compile_args={"cxx": CXX_FLAGS}, extra_link_args=["-fopenmp"])
         return [extension], {"build_ext": BuildExtension}

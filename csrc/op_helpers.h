@@ -62,7 +62,12 @@ inline Norm checked_norm(at::TensorList tensors, double norm_type, const char* o
   return norm;
 }
 
-// The CUDA operators' functions, for fastclip._C's direct entries (fastclip_ops.cpp), which call
+// The CPU operators' functions that fastclip._C's direct entries call (fastclip_ops.cpp).
+at::Tensor clip_cpu(at::TensorList grads, double max_norm, double norm_type, bool overflow_safe);
+at::Tensor total_norm_cpu(at::TensorList tensors, double norm_type, bool overflow_safe);
+void scale_by_cpu(at::TensorList grads, const at::Tensor& coefficients);
+
+// The CUDA operators' functions, for fastclip._C's direct entries (python_module.cpp), which call
 // them without the dispatcher: set by fastclip_cuda_ops.cpp when the extension is built with CUDA,
 // null otherwise.
 struct CudaFunctions {

@@ -22,7 +22,12 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (TorchBackend(), CppBackend()
 _AUTO_ORDER = {"cuda": ("cpp", "triton", "torch"), "cpu": ("cpp", "torch")}
 
 
-def _requested(backend: str) -> str:
+def requested_backend(backend: str) -> str:
+    """The backend asked for: ``backend``, or for ``"auto"`` the ``FASTCLIP_BACKEND`` override.
+
+    Raises:
+        ValueError: an unknown name.
+    """
     if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
         raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")
     if backend != "auto":
@@ -88,7 +93,7 @@ def select_backend(
         ValueError: ``backend`` (or ``FASTCLIP_BACKEND``) is not a known name, or the named backend
             cannot serve these tensors; the message says why.
     """
-    name = _requested(backend)
+    name = requested_backend(backend)
     summary = summary or summarize(tensors)
     if name != "auto":
         reason = _reason_not_served(BACKENDS[name], tensors, norm_type, summary, overflow_safe, operation)

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from fastclip._dispatch import backend_status, select_backend
+from fastclip._dispatch import backend_status, requested_backend, select_backend
 from fastclip._inputs import (
     TensorOrTensors,
     as_tensor_list,
@@ -23,6 +23,7 @@ from fastclip._inputs import (
     summarize,
 )
 from fastclip.backends.base import total_norm_dtype
+from fastclip.backends.cpp_backend import direct_entries
 from fastclip.distributed import as_dtensor_like_torch, as_extra_groups, as_plain_tensor, global_norm, split_shards
 
 
@@ -60,6 +61,19 @@ def _prepare(tensors, arg_name, norm_type, overflow_safe, group, backend, *, wri
         return tensors, select_backend(backend, tensors, norm_type, summary, overflow_safe), None, None
     impl, total_norm = _distributed_norm(backend, tensors, shard_sets, norm_type, overflow_safe, summary, extra_groups)
     return tensors, impl, total_norm, result_mesh
+
+
+def _clip_in_one_call(parameters, max_norm, norm_type, overflow_safe, backend) -> torch.Tensor | None:
+    """:func:`clip_` of plain local gradients by the cpp backend in one call into the extension, which
+    takes the gradients from the parameters, checks them and clips them in one pass
+    (``fastclip._C.clip_parameters``); None where it does not serve the call (the general path runs)."""
+    if requested_backend(backend) not in ("auto", "cpp"):
+        return None
+    direct = direct_entries()
+    if direct is None:
+        return None
+    total_norm = direct.clip_parameters(parameters, max_norm, norm_type, overflow_safe)
+    return None if total_norm is NotImplemented else total_norm
 
 
 def _raise_if_nonfinite(total_norm: torch.Tensor, norm_type: float) -> None:
@@ -133,6 +147,10 @@ def clip_(
     max_norm = parse_max_norm(max_norm)
     norm_type = parse_norm_type(norm_type)
     overflow_safe = parse_overflow_safe(overflow_safe, norm_type)
+    if group is None and extra_groups is None and not error_if_nonfinite:
+        total_norm = _clip_in_one_call(parameters, max_norm, norm_type, overflow_safe, backend)
+        if total_norm is not None:
+            return total_norm
     grads, impl, total_norm, result_mesh = _prepare(grads_of(parameters), "parameters", norm_type, overflow_safe,
                                                     group, backend, written=True, extra_groups=extra_groups)
     if total_norm is None:

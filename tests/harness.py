@@ -306,3 +306,30 @@ def whole_norm(norm: torch.Tensor, dtensor: bool) -> torch.Tensor:
         return norm
     assert all(p.is_replicate() for p in norm.placements), f"norm placements {norm.placements}, not replicated"
     return norm.to_local()
+
+
+def record_served_backends(set_attribute) -> list[str]:
+    """The names of the fastclip backends that serve each call from now on: spies installed on
+    fastclip.api with ``set_attribute(module, name, value)`` (``monkeypatch.setattr``, or ``setattr``
+    in a worker process). A call goes through select_backend, or for fastclip.clip_ on plain local
+    gradients through _clip_in_one_call (the cpp backend's one call into the extension)."""
+    import fastclip.api
+
+    served = []
+    select, one_call = fastclip.api.select_backend, fastclip.api._clip_in_one_call
+
+    def spy_select(*args, **kwargs):
+        backend = select(*args, **kwargs)
+        served.append(backend.name)
+        return backend
+
+    def spy_one_call(*args, **kwargs):
+        total = one_call(*args, **kwargs)
+        if total is not None:
+            served.append("cpp")
+        return total
+
+    set_attribute(fastclip.api, "select_backend", spy_select)
+    set_attribute(fastclip.api, "_clip_in_one_call", spy_one_call)
+    return served
+

@@ -204,18 +204,11 @@ def _worker(rank: int, world: int, init_file: str) -> None:
                             timeout=datetime.timedelta(seconds=60))
     try:
         import fastclip
-        import fastclip.api
         from accelerate.state import AcceleratorState, GradientState
 
-        served = []  # the fastclip backend that served each call, as tests/test_patch.py's spy
-        select = fastclip.api.select_backend
+        from harness import record_served_backends
 
-        def spy(*args, **kwargs):
-            backend = select(*args, **kwargs)
-            served.append(backend.name)
-            return backend
-
-        fastclip.api.select_backend = spy
+        served = record_served_backends(setattr)  # the fastclip backend that served each call
         expected_backend = os.environ.get("FASTCLIP_BACKEND") or fastclip.available_backends("cpu")[0]
         # DDP first: an fsdp_plugin sets ACCELERATE_USE_FSDP in the environment for good.
         for mode in MODES:

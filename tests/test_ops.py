@@ -4,6 +4,9 @@ and that they trace through AOT autograd with dynamic shapes, on every device wi
 
 from __future__ import annotations
 
+import copy
+import math
+
 import pytest
 import torch
 
@@ -162,24 +165,22 @@ def test_direct_entries_refuse_what_they_cannot_serve_as_the_operators_do():
         direct.clip_([torch.ones(2)], "one", 2.0, False)
 
 
-def test_the_backend_takes_the_direct_entry_only_where_nothing_must_see_the_operator(monkeypatch):
-    """Eager CPU calls go through fastclip._C.clip_; under a dispatch mode (which must see
-    fastclip::clip_, as FlopCounter or a debug mode do) the operator is called instead."""
+def test_the_backend_takes_the_direct_entries_only_where_nothing_must_see_the_operator(monkeypatch):
+    """Eager CPU calls go through fastclip._C (clip_parameters for fastclip.clip_, total_norm for
+    get_total_norm); under a dispatch mode (which must see fastclip::clip_, as FlopCounter or a debug
+    mode do) the operators are called instead."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     direct = _direct_module()
-    real_clip = direct.clip_
     direct_calls = []
-
-    def counting_clip(*args):
-        direct_calls.append(args)
-        return real_clip(*args)
-
-    monkeypatch.setattr(direct, "clip_", counting_clip)
+    for name in ("clip_parameters", "total_norm"):
+        real = getattr(direct, name)
+        monkeypatch.setattr(direct, name, lambda *args, real=real, name=name: direct_calls.append(name) or real(*args))
     params = [torch.nn.Parameter(torch.ones(3))]
     params[0].grad = torch.full((3,), 4.0)
     fastclip.clip_(params, 1.0, backend="cpp")
-    assert len(direct_calls) == 1
+    fastclip.get_total_norm([params[0].grad], backend="cpp")
+    assert direct_calls == ["clip_parameters", "total_norm"]
 
     class RecordOps(TorchDispatchMode):
         def __init__(self):
@@ -192,5 +193,88 @@ def test_the_backend_takes_the_direct_entry_only_where_nothing_must_see_the_oper
 
     with RecordOps() as mode:
         fastclip.clip_(params, 1.0, backend="cpp")
-    assert len(direct_calls) == 1
-    assert "fastclip.clip_.default" in mode.ops, mode.ops
+        fastclip.get_total_norm([params[0].grad], backend="cpp")
+    assert direct_calls == ["clip_parameters", "total_norm"]
+    assert "fastclip.clip_.default" in mode.ops and "fastclip.total_norm.default" in mode.ops, mode.ops
+    monkeypatch.setenv("FASTCLIP_BACKEND", "torch")  # another backend asked for: not the extension
+    fastclip.clip_(params, 1.0)
+    assert direct_calls == ["clip_parameters", "total_norm"]
+
+
+def _with_grads(grads):
+    params = [torch.nn.Parameter(torch.zeros(g.shape, dtype=g.dtype, device=g.device)) for g in grads]
+    for p, g in zip(params, grads):
+        p.grad = g
+    return params
+
+
+def test_clip_parameters_refuses_everything_the_general_path_must_handle():
+    """fastclip._C.clip_parameters serves plain local gradients only; for anything else it answers
+    NotImplemented before touching a gradient, and fastclip.clip_'s general path raises or picks a
+    backend as it always has (tested by the rest of the suite)."""
+    direct = _direct_module()
+
+    class Subclass(torch.Tensor):
+        pass
+
+    shared = torch.full((8,), 5.0)
+    expanded = torch.full((1,), 5.0).expand(4)
+    leaf = torch.ones(3, requires_grad=True)
+    non_leaf = leaf * 2
+    non_leaf.retain_grad()
+    non_leaf.sum().backward()
+    subclass_param = torch.nn.Parameter(torch.zeros(2))
+    subclass_param.grad = torch.full((2,), 5.0).as_subclass(Subclass)
+    cases = {
+        "no gradients": ([torch.nn.Parameter(torch.zeros(2))], 2.0, False),
+        "an integer gradient": (_with_grads([torch.ones(2)]) + [_int_grad_param()], 2.0, False),
+        "a sparse gradient": (_with_grads([torch.ones(2), torch.ones(3).to_sparse()]), 2.0, False),
+        "two devices": (_with_grads([torch.ones(2), torch.ones(2, device="meta")]), 2.0, False),
+        "shared memory": (_with_grads([shared[:4], shared[2:6]]), 2.0, False),
+        "an expanded view": (_with_grads([expanded]), 2.0, False),
+        "a non-leaf tensor": ([non_leaf], 2.0, False),
+        "a gradient subclass": ([subclass_param], 2.0, False),
+        "a parameter subclass": ([torch.ones(2).as_subclass(Subclass)], 2.0, False),
+        "norm 0": (_with_grads([torch.full((2,), 5.0)]), 0.0, False),
+        "norm -1": (_with_grads([torch.full((2,), 5.0)]), -1.0, False),
+        "norm NaN": (_with_grads([torch.full((2,), 5.0)]), math.nan, False),
+        "a tuple": (tuple(_with_grads([torch.full((2,), 5.0)])), 2.0, False),
+    }
+    for name, (params, norm_type, overflow_safe) in cases.items():
+        before = [p.grad.clone() if p.grad is not None and p.grad.device.type == "cpu" and not p.grad.is_sparse
+                  else None for p in params]
+        assert direct.clip_parameters(params, 1e-3, norm_type, overflow_safe) is NotImplemented, name
+        for p, b in zip(params, before):
+            if b is not None:
+                assert torch.equal(p.grad, b), name
+
+
+def _int_grad_param():
+    """A parameter whose gradient is an integer tensor (torch refuses to assign one; the autograd
+    engine never makes one: only a direct write of the C++ field could, so the test builds it on a
+    detached integer tensor instead)."""
+    p = torch.zeros(2, dtype=torch.int32)
+    p.grad = torch.ones(2, dtype=torch.int32)
+    return p
+
+
+def test_clip_parameters_takes_gradients_made_by_backward_and_changes_no_reference_count():
+    """Gradients made by backward have no Python object until read; clip_parameters makes it, as
+    reading p.grad would, and leaves every reference count as it found it."""
+    import sys
+
+    direct = _direct_module()
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    twin = copy.deepcopy(model)
+    for m in (model, twin):
+        m(torch.randn(5, 8, generator=torch.Generator().manual_seed(0))).square().sum().backward()
+    params = list(model.parameters())
+    total = direct.clip_parameters(params, 0.1, 2.0, False)
+    expected = torch.ops.fastclip.clip_([q.grad for q in twin.parameters()], 0.1, 2.0)  # the same kernel: its bits
+    assert torch.equal(total, expected)
+    for p, q in zip(params, twin.parameters()):
+        assert torch.equal(p.grad, q.grad)
+    counts = [(sys.getrefcount(p), sys.getrefcount(p.grad)) for p in params]
+    for _ in range(100):
+        direct.clip_parameters(params, 1e9, 2.0, False)
+    assert [(sys.getrefcount(p), sys.getrefcount(p.grad)) for p in params] == counts

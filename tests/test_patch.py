@@ -8,8 +8,7 @@ import torch
 import torch.nn.utils.clip_grad
 
 import fastclip
-import fastclip.api
-from harness import assert_same
+from harness import assert_same, record_served_backends
 
 ORIGINALS = {
     name: getattr(torch.nn.utils, name) for name in ("clip_grad_norm_", "get_total_norm", "clip_grads_with_norm_")
@@ -20,16 +19,7 @@ ORIGINAL_IN_MODULE = torch.nn.utils.clip_grad.clip_grad_norm_
 @pytest.fixture
 def calls(monkeypatch) -> list[str]:
     """The names of the fastclip backends that served each call made while the test runs."""
-    served = []
-    select = fastclip.api.select_backend
-
-    def spy(*args, **kwargs):
-        backend = select(*args, **kwargs)
-        served.append(backend.name)
-        return backend
-
-    monkeypatch.setattr(fastclip.api, "select_backend", spy)
-    return served
+    return record_served_backends(monkeypatch.setattr)
 
 
 def _params(seed: int) -> list[torch.nn.Parameter]:

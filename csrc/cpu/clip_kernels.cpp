@@ -69,6 +69,15 @@ inline double combine(double a, double b) {
   return K == NormKind::kInf ? max_nan(a, b) : a + b;
 }
 
+// Sets every vector of `vectors` to 0 with vector stores. `= {}` on these arrays compiles to
+// `rep stos`, whose start-up cost (~35 cycles each) was a third of the time of reducing a tensor of
+// a few hundred elements.
+template <class V, int N>
+inline void zero(V (&vectors)[N]) {
+#pragma GCC unroll 16
+  for (int i = 0; i < N; ++i) vectors[i] = V{};
+}
+
 // How far ahead of the loads the reduction prefetches. Without it a core streams from DRAM at
 // ~60% of its bandwidth: the conversions to double leave too few cache lines in flight.
 constexpr int64_t kPrefetchBytes = 4096;
@@ -89,12 +98,15 @@ inline double reduce_span(const typename E::Storage* x, int64_t n, double p, dou
   constexpr int64_t kStep = 4 * kLanes;
   constexpr int64_t kBlock = 32 * kStep;
   constexpr int64_t kLineElements = 64 / sizeof(*x);
-  V lanes[kVectors] = {};
-  V compensation[kVectors] = {};
+  V lanes[kVectors];
+  V compensation[kVectors];
+  zero(lanes);
+  zero(compensation);
   int64_t i = 0;
   while (i + kStep <= n) {
     const int64_t block_end = i + std::min(kBlock, (n - i) / kStep * kStep);
-    V block[kVectors] = {};
+    V block[kVectors];
+    zero(block);
     for (; i < block_end; i += kStep) {
       for (int64_t line = 0; line < kStep; line += kLineElements)  // prefetches never fault
         __builtin_prefetch(reinterpret_cast<const char*>(x + i + line) + kPrefetchBytes);

@@ -59,13 +59,14 @@ def _register_fake_kernels() -> None:
         return None
 
 
-def _direct(tensors: list[torch.Tensor]):
+def direct_entries():
     """``fastclip._C`` if this call may use its direct entries (``clip_``, ``total_norm``: the CPU and
     CUDA operators' own functions, ``scale_by_``: the CPU one, called without the dispatcher, ~0.1 us
-    per tensor cheaper), else None: they serve eager calls only; traced code, torch function and
-    dispatch modes, and the profiler must see the operators. An entry answers NotImplemented for what
-    it does not serve (a tensor subclass, a CUDA tensor for scale_by_), and the operator runs."""
-    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+    per tensor cheaper; ``clip_parameters``: :func:`fastclip.clip_`'s whole call), else None: they
+    serve eager calls only; traced code, torch function and dispatch modes, and the profiler must see
+    the operators. An entry answers NotImplemented for what it does not serve (a tensor subclass, a
+    CUDA tensor for scale_by_), and the caller then takes the general path."""
+    if (torch.compiler.is_compiling() or _extension.load_error() is not None or torch._C._len_torch_dispatch_stack()
             or torch._C._is_torch_function_mode_enabled() or torch.autograd._profiler_enabled()):
         return None
     import fastclip._C
@@ -99,7 +100,7 @@ class CppBackend(Backend):
         return None
 
     def get_total_norm(self, tensors, norm_type, foreach, overflow_safe=False):
-        direct = _direct(tensors)
+        direct = direct_entries()
         if direct is not None:
             total = direct.total_norm(tensors, norm_type, overflow_safe)
             if total is not NotImplemented:
@@ -107,7 +108,7 @@ class CppBackend(Backend):
         return torch.ops.fastclip.total_norm(tensors, norm_type, overflow_safe)
 
     def clip_(self, grads, max_norm, norm_type, foreach, overflow_safe=False):
-        direct = _direct(grads)
+        direct = direct_entries()
         if direct is not None:
             total = direct.clip_(grads, max_norm, norm_type, overflow_safe)
             if total is not NotImplemented:
@@ -142,6 +143,6 @@ class CppBackend(Backend):
         return torch.ops.fastclip.clip_per_tensor_(grads, max_norm, norm_type)
 
     def scale_by_(self, grads, coefficients):
-        direct = _direct(grads)
+        direct = direct_entries()
         if direct is None or direct.scale_by_(grads, coefficients) is NotImplemented:
             torch.ops.fastclip.scale_by_(grads, coefficients)
