@@ -174,7 +174,8 @@ void test_16_bit_conversions_exhaustive() {
   // Ties round to even: 1 + 2^-11 is halfway between fp16 1 and 1 + 2^-10.
   CHECK(float_to_fp16(1.0f + std::ldexp(1.0f, -11)) == 0x3C00, "fp16 tie");
   CHECK(float_to_bf16(1.0f + std::ldexp(1.0f, -8)) == 0x3F80, "bf16 tie");
-  const float coefficient = 0.3f;
+  // 0.75 turns 8 or 11 significant bits into 10 or 13: many products are ties between two results.
+  for (const float coefficient : {0.3f, 0.75f})
   for (DType dtype : {DType::kFloat16, DType::kBFloat16}) {
     for (int i = 0; i < 65536; ++i) {
       const float f = dtype == DType::kFloat16 ? fp16_to_float(all[i]) : bf16_to_float(all[i]);
@@ -187,9 +188,72 @@ void test_16_bit_conversions_exhaustive() {
       scale(&view, 1, coefficient, serial);
       int mismatches = 0;
       for (int i = 0; i < 65536; ++i) mismatches += x[i] != scaled_scalar[i];
-      CHECK(mismatches == 0, "dtype %d variant %s: %d scaled values differ from the scalar path", (int)dtype,
-            simd::isa_name(active), mismatches);
+      CHECK(mismatches == 0, "dtype %d variant %s, coefficient %g: %d scaled values differ from the scalar path",
+            (int)dtype, simd::isa_name(active), coefficient, mismatches);
     }
+  }
+  simd::set_active_isa_for_testing(simd::Isa::kAvx512);
+}
+
+// The L2 norm of fp16 and bf16 (squares added in pairs in float, see kSquarePairsInFloat): on random
+// data of every length class (below one step, steps with tails, many blocks, two chunks) each norm is
+// the float64 truth rounded to the dtype the way finish_norm rounds it, in every variant. The pairs'
+// float rounding is ~1e-8 relative, so a norm could round the other way only within that distance of
+// a rounding boundary; none of these does. bf16's range: squares that underflow float (|x| < 2^-63)
+// are summed in double instead, where they are exact; squares beyond float (|x| >= 2^64) give inf,
+// as torch's float accumulation does.
+void test_16_bit_l2_norms() {
+  std::mt19937 rng(3);
+  std::normal_distribution<float> normal;
+  const int64_t lengths[] = {2, 31, 63, 64, 65, 127, 130, 2048 + 17, 4096, 9999, kChunkElements + 100};
+  for (DType dtype : {DType::kFloat16, DType::kBFloat16}) {
+    auto to16 = [dtype](float f) { return dtype == DType::kFloat16 ? float_to_fp16(f) : float_to_bf16(f); };
+    auto from16 = [dtype](uint16_t h) { return dtype == DType::kFloat16 ? fp16_to_float(h) : bf16_to_float(h); };
+    std::vector<std::vector<uint16_t>> data;
+    std::vector<TensorView> views;
+    std::vector<uint16_t> expected;
+    for (int repeat = 0; repeat < 20; ++repeat) {
+      for (int64_t n : lengths) {
+        std::vector<uint16_t> x(n);
+        long double exact = 0;
+        const float magnitude = std::ldexp(1.0f, repeat % 5 - 2);
+        for (auto& v : x) {
+          v = to16(normal(rng) * magnitude);
+          exact += static_cast<long double>(from16(v)) * from16(v);
+        }
+        expected.push_back(to16(static_cast<float>(static_cast<double>(std::sqrt(exact)))));
+        data.push_back(std::move(x));
+      }
+    }
+    for (auto& x : data) views.push_back({x.data(), (int64_t)x.size(), dtype});
+    for (Isa isa : {simd::Isa::kGeneric, simd::Isa::kAvx2, simd::Isa::kAvx512}) {
+      const Isa active = simd::set_active_isa_for_testing(isa);
+      std::vector<double> norms(views.size());
+      tensor_norms(views.data(), (int64_t)views.size(), {NormKind::kL2, 2.0}, threads_parallel_for(2), norms.data());
+      int wrong = 0;
+      for (size_t t = 0; t < views.size(); ++t) wrong += to16(static_cast<float>(norms[t])) != expected[t];
+      CHECK(wrong == 0, "dtype %d variant %s: %d of %zu norms differ from the rounded truth", (int)dtype,
+            simd::isa_name(active), wrong, views.size());
+    }
+  }
+  for (Isa isa : {simd::Isa::kGeneric, simd::Isa::kAvx2, simd::Isa::kAvx512}) {
+    const Isa active = simd::set_active_isa_for_testing(isa);
+    std::vector<uint16_t> tiny(1000, float_to_bf16(std::ldexp(1.0f, -80)));  // squares 2^-160: below float
+    tiny[999] = float_to_bf16(std::ldexp(-1.0f, -75));
+    const double tiny_truth = std::sqrt(999.0 * std::ldexp(1.0, -160) + std::ldexp(1.0, -150));
+    std::vector<uint16_t> huge(100, float_to_bf16(0.0f)), large(100, float_to_bf16(0.0f));
+    huge[70] = float_to_bf16(std::ldexp(1.0f, 64));    // square 2^128: beyond float
+    large[3] = large[80] = float_to_bf16(std::ldexp(1.0f, 63));  // squares 2^126: their sum fits
+    const TensorView views[] = {{tiny.data(), 1000, DType::kBFloat16}, {huge.data(), 100, DType::kBFloat16},
+                                {large.data(), 100, DType::kBFloat16}};
+    double norms[3];
+    tensor_norms(views, 3, {NormKind::kL2, 2.0}, serial, norms);
+    CHECK(norms[0] == bf16_to_float(float_to_bf16(static_cast<float>(tiny_truth))), "variant %s: tiny bf16 norm %g",
+          simd::isa_name(active), norms[0]);
+    CHECK(norms[1] == INFINITY, "variant %s: norm of 2^64 is %g, torch's float sum gives inf", simd::isa_name(active),
+          norms[1]);
+    CHECK(norms[2] == bf16_to_float(float_to_bf16(std::sqrt(2.0f) * std::ldexp(1.0f, 63))),
+          "variant %s: norm of two 2^63 is %g", simd::isa_name(active), norms[2]);
   }
   simd::set_active_isa_for_testing(simd::Isa::kAvx512);
 }
@@ -331,6 +395,7 @@ int main() {
   test_large_tensor_accuracy();
   test_inf_norm_propagates_nan();
   test_16_bit_conversions_exhaustive();
+  test_16_bit_l2_norms();
   test_coefficient_one_writes_nothing();
   test_clip_coefficient_roundings();
   test_overflow_safe_norm();
