@@ -37,7 +37,11 @@ MemoryExtent extent_of(const at::Tensor& t, Py_ssize_t index) {
 // tensor(i) is the tensor of index i.
 template <class TensorAt>
 std::pair<Py_ssize_t, Py_ssize_t> first_shared_memory(std::vector<MemoryExtent>& extents, TensorAt tensor) {
-  std::sort(extents.begin(), extents.end(), [](const MemoryExtent& a, const MemoryExtent& b) { return a.begin < b.begin; });
+  // Gradients usually come in address order, or in its reverse (backward allocates them from the
+  // last layer to the first): checking that is one pass, where sorting 10,000 extents cost ~0.1 ms.
+  const auto by_address = [](const MemoryExtent& a, const MemoryExtent& b) { return a.begin < b.begin; };
+  if (std::is_sorted(extents.rbegin(), extents.rend(), by_address)) std::reverse(extents.begin(), extents.end());
+  else if (!std::is_sorted(extents.begin(), extents.end(), by_address)) std::sort(extents.begin(), extents.end(), by_address);
   const MemoryExtent* furthest = nullptr;
   for (const MemoryExtent& e : extents) {
     if (furthest != nullptr && e.begin < furthest->end) {

@@ -266,6 +266,31 @@ def test_gradients_sharing_memory_are_refused_untouched(clip, views, shared):
         assert not torch.equal(buffer, torch.arange(1.0, 21.0))
 
 
+@pytest.mark.parametrize("order", ["ascending", "descending", "shuffled"])
+@pytest.mark.parametrize("backend", ["auto", "cpp", "torch"])
+def test_shared_memory_is_found_in_any_address_order(order, backend):
+    """The shared-memory check takes gradients in address order, or in its reverse, without sorting
+    them (backward allocates the last layer's first): one overlapping pair among 300 disjoint views
+    is refused whatever the order the list has them in, and the disjoint list is clipped."""
+    if backend == "cpp" and "cpp" not in fastclip.available_backends():
+        pytest.skip("the C++ extension is not built")
+    def in_order(views):
+        if order == "descending":
+            return views[::-1]
+        if order == "shuffled":
+            return [views[i] for i in torch.randperm(len(views), generator=torch.Generator().manual_seed(0)).tolist()]
+        return views
+
+    buffer = torch.arange(1.0, 3001.0)
+    views = list(buffer.split(10))
+    fastclip.clip_([_with_grad(v) for v in in_order(views)], 1e9, backend=backend)  # disjoint: served
+    # Inside view 123 (elements 1230-1239), and in address order right after it.
+    overlapping = views[:124] + [buffer[1234:1236]] + views[124:]
+    with pytest.raises(ValueError, match="share memory"):
+        fastclip.clip_([_with_grad(v) for v in in_order(overlapping)], 0.1, backend=backend)
+    assert torch.equal(buffer, torch.arange(1.0, 3001.0))
+
+
 def test_import_loads_neither_dynamo_nor_dtensor():
     """`import fastclip` stays cheap: torch._dynamo (~1 s) and torch.distributed.tensor are loaded
     only by code that uses them (DTensors are recognised only once their module is imported)."""

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from conftest import require_backend
+from harness import reference_norm
 
 
 @pytest.fixture
@@ -76,6 +77,42 @@ def test_tables_are_cached_by_address(kernels):
     assert other[0] is not first[0]
     assert first[0].shape == (1 + 2, 4)  # one chunk for 10 elements, two for 70,000
     assert first[1][:, 2:4].tolist() == [[0, 1], [1, 3]]  # first and end chunk of each tensor
+
+
+def test_cached_tables_never_serve_a_replaced_resized_or_freed_gradient(kernels):
+    """A table holds each gradient's address, size, dtype and scaling mode, and the cache is keyed by
+    exactly those: after a gradient is shrunk or grown in place, replaced, or freed and its memory
+    reused, the kernels read what is there now. Checked through the results (the norm of integer
+    data, exact in every accumulation, and a clip that writes every element), not the cache."""
+    def integers(n, dtype=torch.float32):
+        return torch.randint(-3, 4, (n,), generator=generator).to(dtype)
+
+    def check(tensors):
+        truth = reference_norm(tensors, 2.0)  # each tensor's norm rounded to its dtype, as torch's
+        assert float(kernels.total_norm(tensors, 2.0)) == pytest.approx(truth, rel=1e-6)
+        total = torch.tensor(truth, dtype=torch.float32)
+        coefficient = torch.clamp(0.3 / (total + 1e-6), max=1.0)  # torch's, as clip_grads_with_norm_ has it
+        expected = [t.clone().mul_(coefficient) for t in tensors]
+        kernels.scale_with_norm_(tensors, 0.3, total)
+        for t, e in zip(tensors, expected):
+            assert torch.equal(t, e)
+
+    generator = torch.Generator().manual_seed(0)
+    grads = [integers(10), integers(70_000, torch.float16), integers(300)]
+    check(grads)
+    check(grads)  # the cached tables
+    grads[0].fill_(1000.0)  # what a table of the old size would still read...
+    grads[0].resize_(4)  # ...after this: same memory, fewer elements
+    grads[0].copy_(integers(4))
+    check(grads)
+    grads[2].resize_(200_000)  # more elements than its storage had: new memory
+    grads[2].copy_(integers(200_000))
+    check(grads)
+    grads[1] = integers(70_000, torch.bfloat16)  # replaced, another dtype
+    check(grads)
+    del grads[0]
+    grads.insert(0, integers(4))  # freed: its memory may come back to this one, holding other values
+    check(grads)
 
 
 _CAPTURE_SCRIPT = textwrap.dedent(
