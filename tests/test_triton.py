@@ -68,6 +68,26 @@ def test_per_tensor_and_agc_launch_counts_do_not_grow_with_tensors(kernels, monk
     assert len(agc_launches) == 1
 
 
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, 3.0, math.inf])
+def test_gpu_rules_accumulate_in_fp64_like_the_cpu_rules(kernels, monkeypatch, norm_type):
+    """Issue E5 on a GPU: the norm kernel accumulates every dtype in fp64 there too (fp32 sums in
+    another order than torch's can round a 16-bit or fp32 norm the other way). Run in the interpreter
+    under the GPU rules, every per-tensor norm and the total of multi-element gradients equal, bit for
+    bit, those of the CPU rules, whose fp64 sums the E5 tests bound; the rules differ only for
+    one-element gradients (torch's CPU norm of one element is its magnitude)."""
+    generator = torch.Generator().manual_seed(1)
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+    for dtype_set in ([torch.bfloat16], [torch.float16], [torch.float32], dtypes):
+        grads = [(torch.randn(2 + (i * 7919) % 70_000, generator=generator) * 10.0 ** (i % 5 - 2)).to(dtype_set[i % len(dtype_set)])
+                 for i in range(24)]
+        cpu_total, cpu_norms = kernels.tensor_norms(grads, norm_type)
+        monkeypatch.setattr(kernels, "gpu_rules_on_cpu", True)
+        gpu_total, gpu_norms = kernels.tensor_norms(grads, norm_type)
+        monkeypatch.setattr(kernels, "gpu_rules_on_cpu", False)
+        assert torch.equal(gpu_norms, cpu_norms), [str(d) for d in dtype_set]
+        assert torch.equal(gpu_total, cpu_total) and gpu_total.dtype == cpu_total.dtype
+
+
 def test_tables_are_cached_by_address(kernels):
     grads = [torch.randn(10), torch.randn(70_000, dtype=torch.float16)]
     first = torch.ops.fastclip_triton.gradient_tables(grads, 0)

@@ -49,10 +49,10 @@ def _element_bytes(DTYPE: tl.constexpr):
 @triton.jit
 def _unit_norm(address, size, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     """torch's L2 norm of one unit of ``size`` > 0 elements at ``address``, as fp64 holding a DTYPE
-    value: squares summed in fp64, rooted, rounded to DTYPE (CPU_RULES=True below means exactly
-    that fp64 sum). A one-element unit's norm is its magnitude, as torch's CPU norm gives it."""
-    summed = chunk_partial(address, tl.full([], 0, tl.int64), size, 2.0, DTYPE, _L2, True, BLOCK)
-    norm = finished_norm(summed, 2.0, _L2, DTYPE, True)
+    value: squares summed in fp64, rooted, rounded to DTYPE. A one-element unit's norm is its
+    magnitude, as torch's CPU norm gives it."""
+    summed = chunk_partial(address, tl.full([], 0, tl.int64), size, 2.0, DTYPE, _L2, BLOCK)
+    norm = finished_norm(summed, 2.0, _L2, DTYPE)
     if DTYPE != 3:
         norm = round_f32_to(norm, DTYPE).to(tl.float64)
     first = tl.arange(0, 1).to(tl.int64)

@@ -1,7 +1,7 @@
 """Multi-tensor gradient norm and clipping in Triton: two launches, whatever the number of tensors.
 
 Launch 1 (``_norm_kernel``, one program per chunk of ``CHUNK`` elements of one gradient) reduces
-its chunk to a partial in fp32 (fp64 for fp64 gradients) and stores it; no float atomics. The last
+its chunk to a partial in fp64 and stores it; no float atomics. The last
 program of each gradient to finish (an integer arrival counter decides) combines that gradient's
 partials in a fixed order into its norm, rounded to the gradient's dtype as torch's
 ``_foreach_norm`` returns it. The last gradient to finish computes the total norm (the norm of the
@@ -17,10 +17,10 @@ them without tracing inside). Not ``triton_op``: the kernels reach the gradients
 in a table, so a traced kernel would show the compiler no read or write of them, and Inductor could
 reorder the scaling against other uses of the gradients or drop it. Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors, which is how CI tests them;
 the kernels follow CPU rules (``CPU_RULES``): gradients are scaled with CPU torch's arithmetic
-instead of CUDA torch's (see ``SCALE_*``), a one-element gradient's norm is |x| as torch's CPU norm
-gives it, and sums are accumulated in fp64 as fastclip's C++ CPU kernel does (fp32 partial sums in
-another order than torch's would now and then land a hair further from the truth than torch's own,
-which E5 forbids; fp64 sums are never further).
+instead of CUDA torch's (see ``SCALE_*``) and a one-element gradient's norm is |x| as torch's CPU
+norm gives it. Sums are accumulated in fp64 under either rules, as fastclip's C++ CPU kernel does
+(fp32 partial sums in another order than torch's would now and then land a hair further from the
+truth than torch's own, which E5 forbids; fp64 sums are never further).
 """
 
 from __future__ import annotations
@@ -135,29 +135,26 @@ def _single_element(address, dtype):
 
 
 @triton.jit
-def finished_norm(reduced, p, NORM: tl.constexpr, DTYPE: tl.constexpr, CPU_RULES: tl.constexpr):
+def finished_norm(reduced, p, NORM: tl.constexpr, DTYPE: tl.constexpr):
     """The finished norm of a reduced sum (or max): fp64 for fp64, else fp32, not yet rounded to a
-    16-bit dtype. Under CPU_RULES a non-fp64 sum was accumulated in fp64; a sum beyond fp32's range
-    becomes inf (torch's fp32 accumulation overflows there, and so must this) and the root is taken
-    in fp64, as fastclip's C++ CPU kernel does."""
+    16-bit dtype. A non-fp64 sum accumulated in fp64 beyond fp32's range becomes inf (torch's fp32
+    accumulation overflows there, and so must this) and the root is taken in fp64, as fastclip's C++
+    CPU kernel does."""
     if DTYPE == 3:
         return _finish(reduced, p, NORM)
-    elif CPU_RULES:
+    else:
         in_range = tl.where(reduced > 3.4028234663852886e38, reduced * 1e300, reduced)  # * 1e300: inf
         return _finish(in_range, p, NORM).to(tl.float32)
-    else:
-        return _finish(reduced, p, NORM)
 
 
 @triton.jit
-def chunk_partial(address, begin, end, p, DTYPE: tl.constexpr, NORM: tl.constexpr, CPU_RULES: tl.constexpr,
-                   BLOCK: tl.constexpr):
-    """One chunk reduced in BLOCK lanes (fp32, fp64 for fp64 or under CPU_RULES), then a fixed
-    tree; as fp64."""
-    if DTYPE == 3 or CPU_RULES:
-        acc = tl.zeros([BLOCK], dtype=tl.float64)
-    else:
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
+def chunk_partial(address, begin, end, p, DTYPE: tl.constexpr, NORM: tl.constexpr, BLOCK: tl.constexpr):
+    """One chunk reduced in BLOCK fp64 lanes, then a fixed tree. fp64 on a GPU too: fp32 sums in
+    another order than torch's land now and then on the other side of a rounding boundary of the
+    gradient's dtype, where torch's own does not, which E5 forbids; a memory-bound pass has fp64
+    throughput to spare on the GPUs fastclip targets (H100: 2 flops per 2-byte element at 3.35 TB/s
+    is ~3.4 fp64 TFLOP/s of its 34)."""
+    acc = tl.zeros([BLOCK], dtype=tl.float64)
     # Full blocks first: where the gradient's address is 16-byte aligned (torch's allocator aligns
     # every allocation; a view with an odd storage offset may not be), unmasked through a pointer
     # declared aligned, so the compiler emits 16-byte vector loads. Then the tail, masked. The blocks
@@ -198,7 +195,7 @@ def _power_of_two(exponent):
 @triton.jit
 def _scaled_chunk_partial(address, begin, end, p, DTYPE: tl.constexpr, NORM: tl.constexpr, BLOCK: tl.constexpr):
     """(sum, exponent) of one chunk: two sweeps, the second finding the chunk in cache."""
-    largest = chunk_partial(address, begin, end, p, DTYPE, 2, True, BLOCK)  # the inf norm, exact
+    largest = chunk_partial(address, begin, end, p, DTYPE, 2, BLOCK)  # the inf norm, exact
     biased = (largest.to(tl.int64, bitcast=True) >> 52) & 0x7FF
     exponent = tl.minimum(tl.maximum(biased - 1023, _MIN_SCALE_EXPONENT), _MAX_SCALE_EXPONENT).to(tl.int32)
     scale = _power_of_two(-exponent)
@@ -254,18 +251,14 @@ def _finalize_scaled_total(tensor_sums_ptr, tensor_exponents_ptr, total_ptr, coe
 
 
 @triton.jit
-def _tensor_norm(partials_ptr, first, last, p, DTYPE: tl.constexpr, NORM: tl.constexpr, CPU_RULES: tl.constexpr,
-                 BLOCK: tl.constexpr):
-    """A gradient's norm from its chunk partials (fixed order), rooted and rounded to its dtype."""
-    if DTYPE == 3 or CPU_RULES:
-        acc = tl.zeros([BLOCK], dtype=tl.float64)
-    else:
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
+def _tensor_norm(partials_ptr, first, last, p, DTYPE: tl.constexpr, NORM: tl.constexpr, BLOCK: tl.constexpr):
+    """A gradient's norm from its chunk partials (fixed order, fp64), rooted and rounded to its dtype."""
+    acc = tl.zeros([BLOCK], dtype=tl.float64)
     for start in range(first, last, BLOCK):
         offsets = start + tl.arange(0, BLOCK).to(tl.int64)
         values = tl.load(partials_ptr + offsets, mask=offsets < last, other=0.0, cache_modifier=".cg")
         acc = _combine(acc, values.to(acc.dtype), NORM)
-    norm = finished_norm(_reduce(acc, NORM), p, NORM, DTYPE, CPU_RULES)
+    norm = finished_norm(_reduce(acc, NORM), p, NORM, DTYPE)
     if DTYPE == 3:
         return norm
     else:
@@ -276,11 +269,9 @@ def _tensor_norm(partials_ptr, first, last, p, DTYPE: tl.constexpr, NORM: tl.con
 def _finalize_total(tensors_ptr, tensor_norms_ptr, total_ptr, coefficient_ptr, num_tensors, p, max_norm,
                     NORM: tl.constexpr, TOTAL_DTYPE: tl.constexpr, CPU_RULES: tl.constexpr,
                     BLOCK: tl.constexpr):
-    """Total norm (norm of the per-tensor norms, in the total dtype) and torch's coefficient."""
-    if TOTAL_DTYPE == 3 or CPU_RULES:
-        acc = tl.zeros([BLOCK], dtype=tl.float64)
-    else:
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
+    """Total norm (norm of the per-tensor norms, accumulated in fp64, in the total dtype) and torch's
+    coefficient."""
+    acc = tl.zeros([BLOCK], dtype=tl.float64)
     for start in range(0, num_tensors, BLOCK):
         t = start + tl.arange(0, BLOCK).to(tl.int64)
         in_range = t < num_tensors
@@ -289,7 +280,7 @@ def _finalize_total(tensors_ptr, tensor_norms_ptr, total_ptr, coefficient_ptr, n
         norms = tl.load(tensor_norms_ptr + t, mask=in_range, other=0.0, cache_modifier=".cg")
         norms = tl.where(last > first, norms, 0.0)  # an empty gradient's norm is 0 (never written)
         acc = accumulate(acc, norms.to(acc.dtype), p, NORM)
-    total = finished_norm(_reduce(acc, NORM), p, NORM, TOTAL_DTYPE, CPU_RULES)
+    total = finished_norm(_reduce(acc, NORM), p, NORM, TOTAL_DTYPE)
     if CPU_RULES and num_tensors == 1:
         total = tl.abs(tl.load(tensor_norms_ptr, cache_modifier=".cg")).to(total.dtype)
     if TOTAL_DTYPE != 3:
@@ -336,13 +327,13 @@ def _norm_kernel(chunks_ptr, tensors_ptr, partials_ptr, tensor_norms_ptr, counte
             partial, exponent = _scaled_chunk_partial(address, begin, end, p, 3, NORM, BLOCK)
         tl.store(partial_exponents_ptr + chunk, exponent)
     elif dtype == 0:
-        partial = chunk_partial(address, begin, end, p, 0, NORM, CPU_RULES, BLOCK)
+        partial = chunk_partial(address, begin, end, p, 0, NORM, BLOCK)
     elif dtype == 1:
-        partial = chunk_partial(address, begin, end, p, 1, NORM, CPU_RULES, BLOCK)
+        partial = chunk_partial(address, begin, end, p, 1, NORM, BLOCK)
     elif dtype == 2:
-        partial = chunk_partial(address, begin, end, p, 2, NORM, CPU_RULES, BLOCK)
+        partial = chunk_partial(address, begin, end, p, 2, NORM, BLOCK)
     else:
-        partial = chunk_partial(address, begin, end, p, 3, NORM, CPU_RULES, BLOCK)
+        partial = chunk_partial(address, begin, end, p, 3, NORM, BLOCK)
     tl.store(partials_ptr + chunk, partial)
 
     # The last chunk of this gradient to finish computes its norm. acq_rel atomics order the
@@ -361,13 +352,13 @@ def _norm_kernel(chunks_ptr, tensors_ptr, partials_ptr, tensor_norms_ptr, counte
         elif CPU_RULES and (end - begin == 1) and (last - first == 1):
             norm = tl.abs(_single_element(address, dtype))
         elif dtype == 0:
-            norm = _tensor_norm(partials_ptr, first, last, p, 0, NORM, CPU_RULES, BLOCK)
+            norm = _tensor_norm(partials_ptr, first, last, p, 0, NORM, BLOCK)
         elif dtype == 1:
-            norm = _tensor_norm(partials_ptr, first, last, p, 1, NORM, CPU_RULES, BLOCK)
+            norm = _tensor_norm(partials_ptr, first, last, p, 1, NORM, BLOCK)
         elif dtype == 2:
-            norm = _tensor_norm(partials_ptr, first, last, p, 2, NORM, CPU_RULES, BLOCK)
+            norm = _tensor_norm(partials_ptr, first, last, p, 2, NORM, BLOCK)
         else:
-            norm = _tensor_norm(partials_ptr, first, last, p, 3, NORM, CPU_RULES, BLOCK)
+            norm = _tensor_norm(partials_ptr, first, last, p, 3, NORM, BLOCK)
         tl.store(tensor_norms_ptr + t, norm)
         tl.store(counters_ptr + t, 0)  # ready for the next call or graph replay
         if BARRIER:
@@ -519,11 +510,21 @@ def run_norm(tensors: list[torch.Tensor], norm_type: float, max_norm: float, tot
     wrap_triton(_norm_kernel)[(num_chunks,)](
         chunks, table, partials, tensor_norms, counters, total, coefficient, partial_exponents, tensor_exponents,
         len(tensors), len(numels) - numels.count(0), float_bits(float(norm_type)), float_bits(float(max_norm)),
-        sum(numels), NORM=kind, TOTAL_DTYPE=DTYPE_TAGS[total_dtype], CPU_RULES=device.type == "cpu", SAFE=safe,
+        sum(numels), NORM=kind, TOTAL_DTYPE=DTYPE_TAGS[total_dtype], CPU_RULES=cpu_rules(device), SAFE=safe,
         BARRIER=not INTERPRETING, enable_fp_fusion=True,  # fused multiply-adds in the sums: fine for E5
         **_NORM_CONFIG,
     )
     return total, coefficient, (chunks, table, num_chunks)
+
+
+# Set by tests only: the norm kernel's GPU rules on CPU tensors, so that the interpreter runs the
+# arithmetic a GPU runs (there is no GPU in CI). Scaling modes stay the CPU's (see tables.py).
+gpu_rules_on_cpu = False
+
+
+def cpu_rules(device: torch.device) -> bool:
+    """Whether kernels on ``device`` follow CPU torch's rules (see the module docstring)."""
+    return device.type == "cpu" and not gpu_rules_on_cpu
 
 
 def _run_scale(tables, coefficient: torch.Tensor, coefficient_dtype: torch.dtype) -> None:

@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .clip import SCALE_BLOCK, SCALE_WARPS, accumulate, clip_coefficient, finished_norm, norm_kind, run_norm, scale_chunk
+from .clip import (SCALE_BLOCK, SCALE_WARPS, accumulate, clip_coefficient, cpu_rules, finished_norm, norm_kind, run_norm,
+                   scale_chunk)
 from .elements import float_bits, round_f32_to
 from .tables import TENSOR_COLUMNS, checked_total_dtype, dense_tensors, device_guard, this_chunk, wrap_triton
 
@@ -31,10 +32,10 @@ def _own_total(norm, p, NORM: tl.constexpr, DTYPE: tl.constexpr, CPU_RULES: tl.c
     if CPU_RULES:
         return tl.abs(norm)
     elif DTYPE == 3:
-        return finished_norm(accumulate(tl.zeros_like(norm), norm, p, NORM), p, NORM, DTYPE, CPU_RULES)
+        return finished_norm(accumulate(tl.zeros_like(norm), norm, p, NORM), p, NORM, DTYPE)
     else:
         single = norm.to(tl.float32)
-        total = finished_norm(accumulate(tl.zeros_like(single), single, p, NORM), p, NORM, DTYPE, CPU_RULES)
+        total = finished_norm(accumulate(tl.zeros_like(single), single, p, NORM), p, NORM, DTYPE)
         return round_f32_to(total, DTYPE).to(tl.float64)
 
 
@@ -77,7 +78,7 @@ def clip_per_tensor_(grads: List[torch.Tensor], max_norm: float, norm_type: floa
         if num_chunks:
             wrap_triton(_per_tensor_scale_kernel)[(num_chunks,)](
                 chunks, table, tensor_norms, float_bits(float(norm_type)), float_bits(float(max_norm)),
-                NORM=norm_kind(norm_type), CPU_RULES=device.type == "cpu", BLOCK=SCALE_BLOCK, num_warps=SCALE_WARPS,
+                NORM=norm_kind(norm_type), CPU_RULES=cpu_rules(device), BLOCK=SCALE_BLOCK, num_warps=SCALE_WARPS,
                 enable_fp_fusion=False,  # one rounding per operation, as torch
             )
     for original, copy in copies:  # which gradients were scaled is known only on the device

@@ -1,8 +1,8 @@
 // CUDA kernels of fastclip: see clip_kernels.h for the contract. No torch headers.
 //
 // Phase 1: every chunk (kChunkElements of one gradient) is reduced by one block to a partial, in
-// fp32 (fp64 for fp64 gradients), with a fixed per-thread order and a fixed reduction tree; the
-// partials are stored, never atomically added. Finalize (one block): each gradient's partials are
+// fp64 whatever the dtype, with a fixed per-thread order and a fixed reduction tree; the partials
+// are stored, never atomically added. Finalize (one block): each gradient's partials are
 // combined in chunk order and rooted, the norm rounded to the gradient's dtype (as torch's
 // _foreach_norm returns it); the total is the norm of those, rounded to the total dtype, and the
 // clip coefficient follows with torch's roundings. Phase 2 scales every chunk, unless the
@@ -150,11 +150,14 @@ __device__ Acc reduce_thread_share(const typename E::Storage* x, int64_t n, Acc 
   return acc;
 }
 
+// fp64 accumulation for every dtype, as fastclip's CPU kernels: fp32 sums in another order than
+// torch's land now and then on the other side of a rounding boundary of the gradient's dtype where
+// torch's own does not, which E5 forbids. The pass is memory-bound and the GPUs fastclip targets
+// have fp64 throughput to spare (H100: ~3.4 of 34 fp64 TFLOP/s for 2-byte elements at 3.35 TB/s).
 template <NormKind K, class E>
 __device__ double reduce_chunk(const GradEntry& grad, const ChunkEntry& chunk, double p) {
-  using Acc = typename E::Math;  // fp32 accumulation, fp64 for fp64
   const auto* x = static_cast<const typename E::Storage*>(grad.data) + chunk.begin;
-  return block_reduce<K, Acc>(reduce_thread_share<K, E, Acc>(x, chunk.end - chunk.begin, static_cast<Acc>(p)));
+  return block_reduce<K, double>(reduce_thread_share<K, E, double>(x, chunk.end - chunk.begin, p));
 }
 
 // Phase 1: one partial per chunk, chunks spread over the grid.
@@ -189,37 +192,42 @@ __device__ double clip_coefficient(double total, double max_norm, DType dtype) {
   return c > 1.0 ? 1.0 : c;
 }
 
-// One gradient's norm from its chunk partials, combined in chunk order in its accumulation type,
-// rooted and rounded to its dtype.
-template <NormKind K, class Acc>
-__device__ double tensor_norm(const Params& params, int64_t t, DType dtype) {
-  Acc acc = 0;
-  for (int64_t c = params.first_chunk[t]; c < params.first_chunk[t + 1]; ++c)
-    acc = combine<K, Acc>(acc, static_cast<Acc>(params.args.scratch.partials[c]));
-  return round_to(dtype, finish<K, Acc>(acc, static_cast<Acc>(params.args.norm.p)));
+// The norm of an fp64 sum (or max), rounded to `dtype`. For dtypes torch accumulates in fp32, a sum
+// beyond fp32's range is inf, as torch's fp32 sum overflows exactly there (every term is
+// non-negative); the root is taken in fp64, as fastclip's CPU kernels take it.
+template <NormKind K>
+__device__ double finished_norm(double accumulated, double p, DType dtype) {
+  if (dtype != DType::kFloat64 && accumulated > 3.4028234663852886e38) accumulated = INFINITY;
+  return round_to(dtype, finish<K, double>(accumulated, p));
 }
 
-// The total norm of the per-tensor norms in Acc (the total dtype's arithmetic), valid in thread 0.
-template <NormKind K, class Acc>
+// One gradient's norm from its chunk partials, combined in chunk order, rooted and rounded to its
+// dtype.
+template <NormKind K>
+__device__ double tensor_norm(const Params& params, int64_t t, DType dtype) {
+  double acc = 0;
+  for (int64_t c = params.first_chunk[t]; c < params.first_chunk[t + 1]; ++c)
+    acc = combine<K, double>(acc, params.args.scratch.partials[c]);
+  return finished_norm<K>(acc, params.args.norm.p, dtype);
+}
+
+// The total norm of the per-tensor norms, rounded to the total dtype, valid in thread 0.
+template <NormKind K>
 __device__ double total_of_norms(const Params& params) {
-  Acc acc = 0;
+  double acc = 0;
   for (int64_t t = threadIdx.x; t < params.args.layout.num_tensors; t += kThreads)
-    acc = accumulate<K, Acc>(acc, static_cast<Acc>(params.args.scratch.tensor_norms[t]), static_cast<Acc>(params.args.norm.p));
-  acc = block_reduce<K, Acc>(acc);
-  return round_to(params.args.total_dtype, finish<K, Acc>(acc, static_cast<Acc>(params.args.norm.p)));
+    acc = accumulate<K, double>(acc, params.args.scratch.tensor_norms[t], params.args.norm.p);
+  acc = block_reduce<K, double>(acc);
+  return finished_norm<K>(acc, params.args.norm.p, params.args.total_dtype);
 }
 
 // Run by one block once every partial is written: per-tensor norms, total, coefficient.
 template <NormKind K>
 __device__ void finalize(const Params& params) {
-  for (int64_t t = threadIdx.x; t < params.args.layout.num_tensors; t += kThreads) {
-    const DType dtype = params.grads[t].dtype;
-    params.args.scratch.tensor_norms[t] =
-        dtype == DType::kFloat64 ? tensor_norm<K, double>(params, t, dtype) : tensor_norm<K, float>(params, t, dtype);
-  }
+  for (int64_t t = threadIdx.x; t < params.args.layout.num_tensors; t += kThreads)
+    params.args.scratch.tensor_norms[t] = tensor_norm<K>(params, t, params.grads[t].dtype);
   __syncthreads();
-  const double total = params.args.total_dtype == DType::kFloat64 ? total_of_norms<K, double>(params)
-                                                             : total_of_norms<K, float>(params);
+  const double total = total_of_norms<K>(params);
   if (threadIdx.x == 0) {
     store_scalar(params.args.total_out, params.args.total_dtype, total);
     *params.args.scratch.coefficient = clip_coefficient(total, params.args.max_norm, params.args.total_dtype);
