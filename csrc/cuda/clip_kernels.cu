@@ -3,7 +3,7 @@
 // Phase 1: every chunk (kChunkElements of one gradient) is reduced by one block to a partial, in
 // fp64 whatever the dtype, with a fixed per-thread order and a fixed reduction tree; the partials
 // are stored, never atomically added. Finalize (one block): each gradient's partials are
-// combined in chunk order and rooted, the norm rounded to the gradient's dtype (as torch's
+// combined by one warp in a fixed order and rooted, the norm rounded to the gradient's dtype (as torch's
 // _foreach_norm returns it); the total is the norm of those, rounded to the total dtype, and the
 // clip coefficient follows with torch's roundings. Phase 2 scales every chunk, unless the
 // coefficient is 1. The result never depends on the grid size, so it is bitwise reproducible.
@@ -201,13 +201,16 @@ __device__ double finished_norm(double accumulated, double p, DType dtype) {
   return round_to(dtype, finish<K, double>(accumulated, p));
 }
 
-// One gradient's norm from its chunk partials, combined in chunk order, rooted and rounded to its
-// dtype.
+// One gradient's norm from its chunk partials, by one warp: lane l combines chunks l, l + 32, ...,
+// then the lanes combine in a fixed shuffle tree, so the order depends only on the number of chunks
+// (bitwise reproducible). One thread per gradient made a large embedding table's ~600 partials a
+// serial chain of loads (~60 us). Rooted and rounded to the gradient's dtype; valid in lane 0.
 template <NormKind K>
-__device__ double tensor_norm(const Params& params, int64_t t, DType dtype) {
+__device__ double tensor_norm(const Params& params, int64_t t, DType dtype, int lane) {
   double acc = 0;
-  for (int64_t c = params.first_chunk[t]; c < params.first_chunk[t + 1]; ++c)
+  for (int64_t c = params.first_chunk[t] + lane; c < params.first_chunk[t + 1]; c += 32)
     acc = combine<K, double>(acc, params.args.scratch.partials[c]);
+  for (int offset = 16; offset > 0; offset /= 2) acc = combine<K, double>(acc, __shfl_down_sync(0xffffffffu, acc, offset));
   return finished_norm<K>(acc, params.args.norm.p, dtype);
 }
 
@@ -224,8 +227,11 @@ __device__ double total_of_norms(const Params& params) {
 // Run by one block once every partial is written: per-tensor norms, total, coefficient.
 template <NormKind K>
 __device__ void finalize(const Params& params) {
-  for (int64_t t = threadIdx.x; t < params.args.layout.num_tensors; t += kThreads)
-    params.args.scratch.tensor_norms[t] = tensor_norm<K>(params, t, params.grads[t].dtype);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int64_t t = warp; t < params.args.layout.num_tensors; t += kWarps) {  // the same t in every lane
+    const double norm = tensor_norm<K>(params, t, params.grads[t].dtype, lane);
+    if (lane == 0) params.args.scratch.tensor_norms[t] = norm;
+  }
   __syncthreads();
   const double total = total_of_norms<K>(params);
   if (threadIdx.x == 0) {
