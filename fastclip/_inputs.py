@@ -18,7 +18,8 @@ import torch
 TensorOrTensors = torch.Tensor | Iterable[torch.Tensor]
 
 
-def as_tensor_list(tensors: TensorOrTensors, arg_name: str, *, warn_empty_generator: bool) -> list:
+def as_tensor_list(tensors: TensorOrTensors, arg_name: str, *, warn_empty_generator: bool,
+                   check_types: bool = True) -> list:
     """Turn torch's accepted spellings (a Tensor, a list, any iterable, a generator) into a list.
 
     Args:
@@ -26,9 +27,11 @@ def as_tensor_list(tensors: TensorOrTensors, arg_name: str, *, warn_empty_genera
         arg_name: the argument's name, for error messages.
         warn_empty_generator: warn, as ``clip_grad_norm_`` does, when an empty generator is passed
             (usually a sign that ``model.parameters()`` was consumed earlier).
+        check_types: raise unless every item is a Tensor; False leaves that to the caller
+            (:func:`check_tensor_types`), for a path whose C++ entry checks each item anyway.
 
     Returns:
-        A list of tensors, in the order given.
+        A list of the items, in the order given.
     """
     if isinstance(tensors, torch.Tensor):
         return [tensors]
@@ -36,15 +39,21 @@ def as_tensor_list(tensors: TensorOrTensors, arg_name: str, *, warn_empty_genera
         raise TypeError(f"{arg_name} must be a Tensor or an iterable of Tensors, got {type(tensors).__name__}")
     is_generator = isinstance(tensors, types.GeneratorType)
     items = list(tensors)
+    if check_types:
+        check_tensor_types(items, arg_name)
+    if warn_empty_generator and is_generator and not items:
+        # Same text and category as torch; stacklevel points at the caller of the public function.
+        warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=4)
+    return items
+
+
+def check_tensor_types(items: list, arg_name: str) -> None:
+    """Raises TypeError naming the first item of ``items`` that is not a Tensor."""
     # One C-level pass over the types (a model has few), not an isinstance call per tensor: this
     # runs on every training step, for every parameter.
     if not all(issubclass(kind, torch.Tensor) for kind in set(map(type, items))):
         i, item = next((i, item) for i, item in enumerate(items) if not isinstance(item, torch.Tensor))
         raise TypeError(f"{arg_name}[{i}] must be a Tensor, got {type(item).__name__}")
-    if warn_empty_generator and is_generator and not items:
-        # Same text and category as torch; stacklevel points at the caller of the public function.
-        warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=4)
-    return items
 
 
 _grad_of = operator.attrgetter("grad")
