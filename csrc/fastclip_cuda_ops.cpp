@@ -72,6 +72,24 @@ class TableCache {
     return found->second;
   }
 
+  // Drops the tables used in CUDA graph captures (their graphs are gone, says the caller); returns
+  // how many. A call still holding one keeps it alive through its shared_ptr.
+  int64_t release_captured() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    int64_t released = 0;
+    for (auto it = order_.begin(); it != order_.end();) {
+      auto table = tables_.find(*it);
+      if (table->second->used_in_capture) {
+        tables_.erase(table);
+        it = order_.erase(it);
+        ++released;
+      } else {
+        ++it;
+      }
+    }
+    return released;
+  }
+
  private:
   static std::shared_ptr<CachedTable> build(const std::vector<cuda::GradEntry>& grads, const at::Device& device,
                                             const c10::cuda::CUDAStream& stream) {
@@ -240,7 +258,7 @@ void clamp_values_cuda(at::TensorList grads, double clip_value) {
 
 // For the direct entries: set while the library loads, before Python can call them.
 [[maybe_unused]] const bool kCudaFunctionsSet = [] {
-  cuda_functions() = {&clip_cuda, &total_norm_cuda};
+  cuda_functions() = {&clip_cuda, &total_norm_cuda, [] { return table_cache().release_captured(); }};
   return true;
 }();
 

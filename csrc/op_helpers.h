@@ -73,6 +73,7 @@ void scale_by_cpu(at::TensorList grads, const at::Tensor& coefficients);
 struct CudaFunctions {
   at::Tensor (*clip)(at::TensorList grads, double max_norm, double norm_type, bool overflow_safe) = nullptr;
   at::Tensor (*total_norm)(at::TensorList tensors, double norm_type, bool overflow_safe) = nullptr;
+  int64_t (*release_captured_tables)() = nullptr;  // see TableCache::release_captured
 };
 CudaFunctions& cuda_functions();
 

@@ -304,6 +304,14 @@ PyObject* clip_parameters(PyObject* /*module*/, PyObject* const* args, Py_ssize_
   END_HANDLE_TH_ERRORS
 }
 
+// _C.release_captured_tables() -> int: drops the CUDA tables kept for captured graphs (0 without CUDA).
+PyObject* release_captured_tables(PyObject* /*module*/, PyObject* /*unused*/) {
+  HANDLE_TH_ERRORS
+  const auto release = fastclip::cuda_functions().release_captured_tables;
+  return PyLong_FromLongLong(release != nullptr ? release() : 0);
+  END_HANDLE_TH_ERRORS
+}
+
 PyMethodDef methods[] = {
     {"summarize", summarize, METH_O, "(devices, dtypes, layouts, self_overlapping, shared pair) of a list of plain tensors, or None"},
     {"clip_", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(direct_clip)), METH_FASTCALL,
@@ -314,6 +322,8 @@ PyMethodDef methods[] = {
      "fastclip::scale_by_ on a list of CPU tensors without the dispatcher, or NotImplemented"},
     {"clip_parameters", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(clip_parameters)), METH_FASTCALL,
      "fastclip.clip_ of a list of parameters in one pass where the cpp backend serves it, or NotImplemented"},
+    {"release_captured_tables", release_captured_tables, METH_NOARGS,
+     "drops the CUDA gradient tables kept for captured graphs; returns how many"},
     {nullptr, nullptr, 0, nullptr},
 };
 

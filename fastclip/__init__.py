@@ -11,6 +11,7 @@ from fastclip.api import (
     clip_with_tensor_norms_,
     get_tensor_norms,
     get_total_norm,
+    release_captured_tables,
 )
 from fastclip.adaptive import AdaGC, QuantileClip, RunningAverageClip, ZClip
 from fastclip.agc import adaptive_clip_grad_
@@ -42,5 +43,6 @@ __all__ = [
     "get_tensor_norms",
     "get_total_norm",
     "patch_torch",
+    "release_captured_tables",
     "unscale_clip_",
 ]

@@ -8,6 +8,7 @@ every argument has been checked.
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
@@ -25,6 +26,7 @@ from fastclip._inputs import (
 )
 from fastclip.backends.base import total_norm_dtype
 from fastclip.backends.cpp_backend import direct_entries
+from fastclip._extension import load_error
 from fastclip.distributed import as_dtensor_like_torch, as_extra_groups, as_plain_tensor, global_norm, split_shards
 
 
@@ -368,3 +370,26 @@ def available_backends(device: str | torch.device = "cpu") -> list[str]:
     status = backend_status(device)
     preferred = ("cpp", "triton", "torch")
     return [name for name in preferred if status[name] is None]
+
+
+def release_captured_tables() -> int:
+    """Frees the gradient tables kept for CUDA graphs that captured fastclip calls.
+
+    A captured call reads a device table of its gradients' addresses (built by the eager warm-up
+    call before the capture), and its graph may replay at any time: fastclip never evicts such a
+    table on its own. Call this once the graphs that captured fastclip are deleted; a graph replayed
+    afterwards would read freed memory. Tables of eager calls need nothing: they are cached and
+    evicted by themselves.
+
+    Returns:
+        The number of tables freed (the C++ and the Triton backends' together; 0 without a GPU).
+    """
+    released = 0
+    if load_error() is None:
+        import fastclip._C
+
+        released += fastclip._C.release_captured_tables()
+    triton_tables = sys.modules.get("fastclip.triton_kernels.tables")  # not imported: nothing cached
+    if triton_tables is not None:
+        released += triton_tables.TABLE_CACHE.release_captured()
+    return released

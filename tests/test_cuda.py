@@ -93,26 +93,38 @@ def test_cuda_graph_capture_and_replay(name, max_norm):
         assert torch.equal(captured_norm, eager_norm), "replayed norm differs from an eager call"
         assert all(torch.equal(p.grad, e.grad) for p, e in zip(params, eager)), "replayed gradients differ"
         assert abs(float(captured_norm) - float(expected)) <= 1e-5 * float(expected)
+    del graph  # its tables are kept until said so; then eager calls build them anew
+    torch.cuda.synchronize()
+    assert fastclip.release_captured_tables() >= 1
+    reference = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for r, p in zip(reference, params):
+        r.grad = p.grad.clone()
+    expected = torch.nn.utils.clip_grad_norm_(reference, max_norm)
+    norm = fastclip.clip_(params, max_norm, backend=name)
+    assert abs(float(norm) - float(expected)) <= 1e-5 * float(expected)
+    if max_norm == NOT_CLIPPING:
+        assert all(torch.equal(p.grad, r.grad) for p, r in zip(params, reference))
 
 
-def test_capture_without_warm_up_is_refused_clearly():
+@pytest.mark.parametrize("name", FUSED_BACKENDS)
+def test_capture_without_warm_up_is_refused_clearly(name):
     """A capture whose gradients fastclip has not seen raises (the table built inside it would be
     filled only on replay, leaving eager calls an unfilled table), and eager calls still work."""
-    require_backend("cpp", "cuda")
+    require_backend(name, "cuda")
     params = _model_grads(3)
     before = [p.grad.clone() for p in params]
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with pytest.raises(RuntimeError, match="before capturing"):
         with torch.cuda.stream(stream), torch.cuda.graph(torch.cuda.CUDAGraph()):
-            fastclip.clip_(params, CLIPPING, backend="cpp")
+            fastclip.clip_(params, CLIPPING, backend=name)
     torch.cuda.synchronize()
     assert all(torch.equal(p.grad, b) for p, b in zip(params, before)), "gradients changed by a refused capture"
     reference = [torch.nn.Parameter(p.detach().clone()) for p in params]
     for r, b in zip(reference, before):
         r.grad = b.clone()
     expected = torch.nn.utils.clip_grad_norm_(reference, CLIPPING)
-    norm = fastclip.clip_(params, CLIPPING, backend="cpp")
+    norm = fastclip.clip_(params, CLIPPING, backend=name)
     assert abs(float(norm) - float(expected)) <= 1e-5 * float(expected)
 
 

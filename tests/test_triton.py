@@ -135,6 +135,50 @@ def test_cached_tables_never_serve_a_replaced_resized_or_freed_gradient(kernels)
     check(grads)
 
 
+def test_table_cache_follows_the_capture_and_stream_rules(kernels, monkeypatch):
+    """Issue 15 item 7, with the GPU's answers simulated (which stream is current, whether it is being
+    captured): the Triton table cache keeps the C++ cache's rules. A miss during a capture raises and
+    builds nothing; a table used in a capture is never evicted, until release_captured_tables();
+    a table used on a stream other than the one that built it is record_stream-ed there, once."""
+    import fastclip
+    import fastclip.triton_kernels.tables as tables
+
+    current = {"stream": "A", "capturing": False}
+    monkeypatch.setattr(tables, "_stream_state", lambda device: (current["stream"], current["capturing"]))
+    recorded = []
+    monkeypatch.setattr(tables, "_record_stream", lambda entry, stream: recorded.append((entry, stream)))
+    cache = tables._TableCache(capacity=2)
+    monkeypatch.setattr(tables, "TABLE_CACHE", cache)  # the one release_captured_tables() empties
+    built = []
+
+    def get(n):
+        def build():
+            built.append(n)
+            return (torch.full((n,), float(n)), n)
+        return cache.get((n, torch.device("cpu")), build)
+
+    first = get(1)
+    assert get(1) is first and built == [1] and recorded == []
+    current["stream"] = "B"
+    assert get(1) is first and get(1) is first
+    assert recorded == [(first, "B")], "used on a second stream: recorded there, once"
+    current["capturing"] = True
+    with pytest.raises(RuntimeError, match="call fastclip once on the same tensors before capturing"):
+        get(2)
+    assert built == [1], "a table was built during a capture"
+    assert get(1) is first  # a hit during a capture: kept from now on
+    current["capturing"] = False
+    for n in (2, 3, 4):
+        get(n)
+    assert built == [1, 2, 3, 4] and len(cache.entries) == 2
+    assert get(1) is first, "a table used in a capture was evicted"
+    assert fastclip.release_captured_tables() == 1
+    assert fastclip.release_captured_tables() == 0
+    assert get(1) is not first and built[-1] == 1, "a released table was served again"
+    get(5)
+    assert len(cache.entries) == 2, "a released table still held a place in the cache"
+
+
 _CAPTURE_SCRIPT = textwrap.dedent(
     """
     import torch

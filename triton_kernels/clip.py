@@ -173,7 +173,7 @@ def chunk_partial(address, begin, end, p, DTYPE: tl.constexpr, NORM: tl.constexp
     for start in range(full_end, end, BLOCK):
         offsets = start + tl.arange(0, BLOCK).to(tl.int64)
         acc = accumulate(acc, load_math(address, offsets, offsets < end, DTYPE).to(acc.dtype), p, NORM)
-    return _reduce(acc, NORM).to(tl.float64)
+    return _reduce(acc, NORM)
 
 
 # Overflow-safe norm (SAFE): a chunk's partial is (sum, exponent) standing for sum * (2^exponent)^p,

@@ -67,30 +67,81 @@ if INTERPRETING and not _wraps_interpreted_kernels():
         return kernel
 
 
+# Raised by a table-cache miss during a CUDA graph capture (the C++ extension's cache says the same).
+CAPTURE_MISS = ("fastclip: these gradients were not seen before this CUDA graph capture; call fastclip once on "
+                "the same tensors before capturing (warm-up). Non-contiguous gradients cannot be captured: each "
+                "call clips a new contiguous copy of them, so make them contiguous first")
+
+
+def _stream_state(device: torch.device) -> tuple[torch.cuda.Stream | None, bool]:
+    """(the current stream on ``device``, whether it is being captured into a CUDA graph); (None,
+    False) off the GPU."""
+    if device.type != "cuda":
+        return None, False
+    with torch.cuda.device(device):
+        return torch.cuda.current_stream(), torch.cuda.is_current_stream_capturing()
+
+
+def _record_stream(entry: tuple, stream: torch.cuda.Stream) -> None:
+    """Tells the caching allocator that ``stream`` uses the device tables of a cache entry."""
+    for table in entry:
+        if isinstance(table, torch.Tensor) and table.device.type == "cuda":
+            table.record_stream(stream)
+
+
 class _TableCache:
     """Device tables keyed by what they were built from (the tensors' addresses, sizes, dtypes...)
-    and, last, the device.
+    and, last, the device; the oldest evicted first. An entry is a tuple whose top-level device
+    tensors are the tables.
 
-    Entries used while a CUDA stream is being captured are never evicted, so the graph stays valid.
+    On a GPU it keeps the rules of the C++ extension's cache:
+    - no table is built during a CUDA graph capture: its upload would be recorded, not run, and
+      eager calls would then read an unfilled table. A miss during a capture raises CAPTURE_MISS;
+    - a table used in a capture is never evicted (its graph may replay it), until
+      ``release_captured()`` says those graphs are gone;
+    - a table used on a stream other than the one that allocated it is ``record_stream``-ed there,
+      so that once evicted its memory is not reused before that stream's work on it is done;
+    - an entry evicted by another thread stays alive while a call holds it (its own references).
     """
 
     def __init__(self, capacity: int = 64):
         self.capacity = capacity
         self.entries: dict[tuple, tuple] = {}
-        self.pinned: set[tuple] = set()
+        self.streams: dict[tuple, set] = {}  # per key, the streams its tables were used on
+        self.captured: set[tuple] = set()
         self.lock = threading.Lock()
 
     def get(self, key: tuple, build) -> tuple:
+        stream, capturing = _stream_state(key[-1])
         with self.lock:
             entry = self.entries.get(key)
             if entry is None:
-                while len(self.entries) >= self.capacity and len(self.pinned) < len(self.entries):
-                    oldest = next(k for k in self.entries if k not in self.pinned)
-                    del self.entries[oldest]
+                if capturing:
+                    raise RuntimeError(CAPTURE_MISS)
+                self._evict_if_full()
                 entry = self.entries[key] = build()
-            if key[-1].type == "cuda" and torch.cuda.is_current_stream_capturing():
-                self.pinned.add(key)
+                self.streams[key] = {stream}
+            if capturing:
+                self.captured.add(key)
+            elif stream not in self.streams[key]:
+                _record_stream(entry, stream)
+                self.streams[key].add(stream)
             return entry
+
+    def release_captured(self) -> int:
+        """Drops the entries used in CUDA graph captures; returns how many."""
+        with self.lock:
+            for key in self.captured:
+                del self.entries[key], self.streams[key]
+            released = len(self.captured)
+            self.captured.clear()
+            return released
+
+    def _evict_if_full(self) -> None:
+        for key in [k for k in self.entries if k not in self.captured]:
+            if len(self.entries) < self.capacity:
+                break
+            del self.entries[key], self.streams[key]
 
 
 TABLE_CACHE = _TableCache()
