@@ -76,18 +76,7 @@ class TableCache {
   // how many. A call still holding one keeps it alive through its shared_ptr.
   int64_t release_captured() {
     std::lock_guard<std::mutex> lock(mutex_);
-    int64_t released = 0;
-    for (auto it = order_.begin(); it != order_.end();) {
-      auto table = tables_.find(*it);
-      if (table->second->used_in_capture) {
-        tables_.erase(table);
-        it = order_.erase(it);
-        ++released;
-      } else {
-        ++it;
-      }
-    }
-    return released;
+    return erase_oldest_while([](const CachedTable& table) { return table.used_in_capture; }, [] { return true; });
   }
 
  private:
@@ -106,15 +95,26 @@ class TableCache {
   }
 
   void evict_if_full() {
-    for (auto it = order_.begin(); tables_.size() >= kMaxCachedTables && it != order_.end();) {
+    erase_oldest_while([](const CachedTable& table) { return !table.used_in_capture; },
+                       [this] { return tables_.size() >= kMaxCachedTables; });
+  }
+
+  // Erases, oldest first, the tables that `erasable` accepts, as long as `more` says so; returns how
+  // many. The caller holds the mutex.
+  template <class Erasable, class More>
+  int64_t erase_oldest_while(Erasable erasable, More more) {
+    int64_t erased = 0;
+    for (auto it = order_.begin(); it != order_.end() && more();) {
       auto table = tables_.find(*it);
-      if (table->second->used_in_capture) {
-        ++it;
-      } else {
+      if (erasable(*table->second)) {
         tables_.erase(table);
         it = order_.erase(it);
+        ++erased;
+      } else {
+        ++it;
       }
     }
+    return erased;
   }
 
   std::mutex mutex_;

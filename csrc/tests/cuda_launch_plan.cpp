@@ -143,16 +143,33 @@ std::vector<GradEntry> gradients(int count) {
   return grads;
 }
 
-void run(const char* name, int device, int count, NormKind kind, bool compute_norm, bool scale,
-         cudaError_t cooperative_answer = cudaSuccess) {
+// One output line: the scenario, its table's chunk count, the error returned, and what was recorded.
+void print_result(const char* name, const TableLayout& layout, cudaError_t error, bool refused) {
+  std::printf("%s chunks=%lld error=%d launches=", name, static_cast<long long>(layout.num_chunks), static_cast<int>(error));
+  for (size_t i = 0; i < g_launches.size(); ++i) std::printf("%s%s", i ? ";" : "", describe(g_launches[i]).c_str());
+  std::printf(" memsets=%d refused=%d grids=", g_memsets, refused ? 1 : 0);
+  for (size_t i = 0; i < g_launches.size(); ++i) std::printf("%s%ux%u", i ? ";" : "", g_launches[i].grid, g_launches[i].block);
+  std::printf("\n");
+}
+
+// Starts a scenario: nothing recorded yet, `device` current, the cooperative launch answered with
+// `cooperative_answer`; fills `table` with the table of `count` gradients and returns its layout.
+TableLayout start(int device, int count, cudaError_t cooperative_answer, std::vector<char>& table) {
   g_launches.clear();
   g_memsets = 0;
   g_device = device;
   g_cooperative_answer = cooperative_answer;
   const std::vector<GradEntry> grads = gradients(count);
   const TableLayout layout = table_layout(grads.data(), count);
-  std::vector<char> table(layout.bytes);
+  table.resize(layout.bytes);
   fill_table(grads.data(), layout, table.data());
+  return layout;
+}
+
+void run(const char* name, int device, int count, NormKind kind, bool compute_norm, bool scale,
+         cudaError_t cooperative_answer = cudaSuccess) {
+  std::vector<char> table;
+  const TableLayout layout = start(device, count, cooperative_answer, table);
   static double scratch[4];
   ClipArgs args{};
   args.table = table.data();
@@ -168,28 +185,13 @@ void run(const char* name, int device, int count, NormKind kind, bool compute_no
   args.scratch = {scratch, scratch, scratch, reinterpret_cast<unsigned int*>(scratch)};
   bool refused = false;
   const cudaError_t error = launch(args, nullptr, &refused);
-  std::printf("%s chunks=%lld error=%d", name, static_cast<long long>(layout.num_chunks), static_cast<int>(error));
-  std::printf(" launches=");
-  for (size_t i = 0; i < g_launches.size(); ++i) std::printf("%s%s", i ? ";" : "", describe(g_launches[i]).c_str());
-  std::printf(" memsets=%d refused=%d grids=", g_memsets, refused ? 1 : 0);
-  for (size_t i = 0; i < g_launches.size(); ++i) std::printf("%s%ux%u", i ? ";" : "", g_launches[i].grid, g_launches[i].block);
-  std::printf("\n");
+  print_result(name, layout, error, refused);
 }
 
 void run_clamp(const char* name, int count) {
-  g_launches.clear();
-  g_memsets = 0;
-  g_device = 0;
-  const std::vector<GradEntry> grads = gradients(count);
-  const TableLayout layout = table_layout(grads.data(), count);
-  std::vector<char> table(layout.bytes);
-  fill_table(grads.data(), layout, table.data());
-  const cudaError_t error = launch_clamp(table.data(), layout, 1.0, nullptr);
-  std::printf("%s chunks=%lld error=%d launches=", name, static_cast<long long>(layout.num_chunks), static_cast<int>(error));
-  for (size_t i = 0; i < g_launches.size(); ++i) std::printf("%s%s", i ? ";" : "", describe(g_launches[i]).c_str());
-  std::printf(" memsets=%d refused=0 grids=", g_memsets);
-  for (size_t i = 0; i < g_launches.size(); ++i) std::printf("%s%ux%u", i ? ";" : "", g_launches[i].grid, g_launches[i].block);
-  std::printf("\n");
+  std::vector<char> table;
+  const TableLayout layout = start(0, count, cudaSuccess, table);
+  print_result(name, layout, launch_clamp(table.data(), layout, 1.0, nullptr), false);
 }
 
 }  // namespace
