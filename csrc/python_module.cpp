@@ -219,6 +219,64 @@ PyObject* direct_scale_by(PyObject* /*module*/, PyObject* const* args, Py_ssize_
   END_HANDLE_TH_ERRORS
 }
 
+// Taking a parameter's gradient follows a chain of objects: the parameter's Python object, its
+// TensorImpl, its autograd metadata, the gradient's TensorImpl, and the gradient's storage (read by
+// served_here and the kernels for the data pointer). When they are not in cache, as after the
+// backward pass or any large kernel, each link costs a DRAM access, and one parameter's links
+// are serial. So while parameter i is taken, the links of later parameters are loaded in stages,
+// each stage one link further on, for a parameter whose previous link the stage before brought in;
+// each link is followed once, its address kept in a ring until the next stage needs it. Measured in
+// the benchmark's conditions (gradients just written, so none of these objects cached), 2 AMD EPYC
+// cores, two runs: clip_ 2-3% faster on 2,000 gradients of 8K, 4-9% on 10,000 of 419; with all of
+// them cached, -5% to +3% (noise) on 2,000 and 10,000 gradients, down to one element each.
+// (The same for a plain list of tensors, with its shorter chain, gained nothing measurable.)
+class ChainPrefetcher {
+ public:
+  explicit ChainPrefetcher(PyObject* parameters)
+      : items_(reinterpret_cast<PyListObject*>(parameters)->ob_item), size_(PyList_GET_SIZE(parameters)) {
+    for (Py_ssize_t i = -kObjectAhead; i < 0; ++i) advance(i);  // the first parameters' stages
+  }
+
+  // Advances every stage by one parameter, as parameter i is about to be taken.
+  void advance(Py_ssize_t i) {
+    if (i + kObjectAhead < size_) __builtin_prefetch(items_[i + kObjectAhead]);
+    if (Py_ssize_t j = i + kImplAhead; j >= 0 && j < size_) {
+      PyObject* item = items_[j];
+      c10::TensorImpl* impl = THPVariable_CheckExact(item) ? THPVariable_Unpack(item).unsafeGetTensorImpl() : nullptr;
+      impls_[j % kRing] = impl;
+      if (impl != nullptr) prefetch_lines(impl, 2);
+    }
+    if (Py_ssize_t j = i + kMetaAhead; j >= 0 && j < size_) {
+      c10::TensorImpl* impl = impls_[j % kRing];
+      c10::AutogradMetaInterface* meta = impl != nullptr ? impl->autograd_meta() : nullptr;
+      if (meta != nullptr) prefetch_lines(meta, 3);
+      else impls_[j % kRing] = nullptr;  // no gradient to follow
+    }
+    if (Py_ssize_t j = i + kGradAhead; j >= 0 && j < size_) {
+      c10::TensorImpl* impl = impls_[j % kRing];
+      grads_[j % kRing] = impl != nullptr && impl->grad().defined() ? impl->grad().unsafeGetTensorImpl() : nullptr;
+      if (grads_[j % kRing] != nullptr) prefetch_lines(grads_[j % kRing], 4);
+    }
+    if (Py_ssize_t j = i + kStorageAhead; j >= 0 && j < size_) {
+      c10::TensorImpl* grad = grads_[j % kRing];
+      if (grad != nullptr && grad->has_storage()) prefetch_lines(grad->storage().unsafeGetStorageImpl(), 2);
+    }
+  }
+
+ private:
+  static constexpr Py_ssize_t kObjectAhead = 16, kImplAhead = 12, kMetaAhead = 8, kGradAhead = 4, kStorageAhead = 2;
+  static constexpr Py_ssize_t kRing = 16;  // > kImplAhead - kStorageAhead: a slot is reused only once its parameter is done
+
+  static void prefetch_lines(const void* p, int lines) {
+    for (int l = 0; l < lines; ++l) __builtin_prefetch(static_cast<const char*>(p) + 64 * l);
+  }
+
+  PyObject** items_;
+  Py_ssize_t size_;
+  c10::TensorImpl* impls_[kRing] = {};
+  c10::TensorImpl* grads_[kRing] = {};
+};
+
 // The gradients of a list of parameters, as torch's [p.grad for p in parameters if p.grad is not
 // None] takes them, each held by a reference to its Python object (made, as reading p.grad in Python
 // makes it, if the gradient has none yet) and borrowed as an at::Tensor.
@@ -239,7 +297,9 @@ struct GradientsOf {
     const Py_ssize_t size = PyList_GET_SIZE(parameters);
     objects.reserve(size);
     borrowed.tensors.reserve(size);
+    ChainPrefetcher prefetcher(parameters);
     for (Py_ssize_t i = 0; i < size; ++i) {
+      prefetcher.advance(i);
       PyObject* item = PyList_GET_ITEM(parameters, i);
       if (!THPVariable_CheckExact(item)) return false;
       const at::Tensor& parameter = THPVariable_Unpack(item);

@@ -258,6 +258,45 @@ def _int_grad_param():
     return p
 
 
+def test_clip_parameters_takes_long_lists_of_every_kind_of_parameter():
+    """clip_parameters loads the objects of parameters ahead of the one it takes (ChainPrefetcher):
+    on a list longer than that distance, mixing parameters without gradients, plain tensors without
+    autograd metadata and, far down the list, a tensor subclass or a non-tensor that it must refuse, it takes exactly the gradients
+    present (the same bits as the operator on them) or refuses before changing any."""
+    direct = _direct_module()
+
+    class Subclass(torch.Tensor):
+        pass
+
+    def make_params():
+        generator = torch.Generator().manual_seed(1)
+        params = []
+        for k in range(40):
+            if k % 11 == 5:
+                params.append(torch.zeros(2))  # no autograd metadata, no gradient
+                continue
+            p = torch.nn.Parameter(torch.zeros(k + 1))
+            if k % 7 != 3:  # k % 7 == 3: no gradient
+                p.grad = torch.randn(k + 1, generator=generator)
+            params.append(p)
+        return params
+
+    params, twin = make_params(), make_params()
+    total = direct.clip_parameters(params, 0.1, 2.0, False)
+    expected = torch.ops.fastclip.clip_([q.grad for q in twin if q.grad is not None], 0.1, 2.0)
+    assert torch.equal(total, expected)
+    for p, q in zip(params, twin):
+        assert (p.grad is None and q.grad is None) or torch.equal(p.grad, q.grad)
+
+    for odd_one in (torch.ones(2).as_subclass(Subclass), "not a tensor"):
+        refused = make_params()
+        refused[30] = odd_one
+        before = [p.grad.clone() if isinstance(p, torch.Tensor) and p.grad is not None else None for p in refused]
+        assert direct.clip_parameters(refused, 1e-3, 2.0, False) is NotImplemented
+        for p, b in zip(refused, before):
+            assert b is None or torch.equal(p.grad, b)
+
+
 def test_clip_parameters_takes_gradients_made_by_backward_and_changes_no_reference_count():
     """Gradients made by backward have no Python object until read; clip_parameters makes it, as
     reading p.grad would, and leaves every reference count as it found it."""
