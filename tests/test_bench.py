@@ -73,6 +73,21 @@ def test_tiny_run_writes_every_output(tmp_path):
     assert (tmp_path / written[2].rsplit("/", 1)[1]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_many_tensor_targets_report_the_limit_with_the_gradient_list():
+    """Building the gradient list is timed in the same rounds (no-clip step only), and a no-clip target
+    on 1,000 tensors or more reports the limit of one read plus that list next to its figure."""
+    workload = Workload("2000 x 8K fp32", with_dtype([(8,)] * report.MANY_TENSORS, torch.float32), "target", "float32")
+    result = run.bench_workload(workload, "cpu", 2, run.Timer("cpu"), _NoProgress())
+    assert len(result.samples[(report.GRADIENT_LIST, "no clip")]) == 2
+    assert (report.GRADIENT_LIST, "clip") not in result.samples
+    limit = result.read_and_list()
+    assert limit == result.median("one read", "no clip") + result.median(report.GRADIENT_LIST, "no clip")
+    lines = [line for line in report.targets([result]) if line.startswith("- no clipping, 2000 x 8K")]
+    assert len(lines) == 2  # the C++ issue's target and the CPU-speed issue's
+    assert all(f"one read + building the gradient list: {limit * 1e3:.3f} ms" in line for line in lines), lines
+    assert "gradient list" not in report.markdown([result]).split("Targets of")[0]  # not a provider column
+
+
 def test_optim_step_gate_rejects_a_provider_that_does_not_clip(monkeypatch):
     """bench/optim_step.py checks every provider's gradients against torch's loop before timing: one
     that steps without clipping must stop it."""
