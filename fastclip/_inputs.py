@@ -19,7 +19,7 @@ TensorOrTensors = torch.Tensor | Iterable[torch.Tensor]
 
 
 def as_tensor_list(tensors: TensorOrTensors, arg_name: str, *, warn_empty_generator: bool,
-                   check_types: bool = True) -> list:
+                   check_types: bool = True, copy: bool = True) -> list:
     """Turn torch's accepted spellings (a Tensor, a list, any iterable, a generator) into a list.
 
     Args:
@@ -29,6 +29,9 @@ def as_tensor_list(tensors: TensorOrTensors, arg_name: str, *, warn_empty_genera
             (usually a sign that ``model.parameters()`` was consumed earlier).
         check_types: raise unless every item is a Tensor; False leaves that to the caller
             (:func:`check_tensor_types`), for a path whose C++ entry checks each item anyway.
+        copy: False returns a list passed in as it is, for a caller that only reads it during the
+            call: after the backward pass a copy of 10,000 parameters cost ~0.3-0.6 ms on 2 AMD EPYC
+            cores (each parameter's uncached object gets its reference count written).
 
     Returns:
         A list of the items, in the order given.
@@ -38,7 +41,7 @@ def as_tensor_list(tensors: TensorOrTensors, arg_name: str, *, warn_empty_genera
     if not isinstance(tensors, Iterable):
         raise TypeError(f"{arg_name} must be a Tensor or an iterable of Tensors, got {type(tensors).__name__}")
     is_generator = isinstance(tensors, types.GeneratorType)
-    items = list(tensors)
+    items = tensors if type(tensors) is list and not copy else list(tensors)
     if check_types:
         check_tensor_types(items, arg_name)
     if warn_empty_generator and is_generator and not items:

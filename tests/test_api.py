@@ -41,6 +41,23 @@ def test_no_gradients_returns_zero(backend):
         assert_same(norm, torch.nn.utils.clip_grad_norm_(parameters, 1.0), "norm of nothing")
 
 
+def test_a_parameter_list_is_read_not_kept_or_changed(backend):
+    """clip_ uses a list passed in as it is (no copy): it must leave it as it found it, unchanged and
+    not referenced, on every path (the one call into the extension, and the general path when a
+    parameter without a gradient or the error check sends it there)."""
+    import sys
+
+    for error_if_nonfinite in (False, True):
+        params = [torch.nn.Parameter(torch.zeros(n)) for n in (3, 4, 5)]
+        params[0].grad, params[2].grad = torch.full((3,), 2.0), torch.full((5,), 1.0)
+        passed = list(params)
+        count = sys.getrefcount(passed)
+        fastclip.clip_(passed, 1.0, error_if_nonfinite=error_if_nonfinite, backend=backend)
+        assert sys.getrefcount(passed) == count
+        assert len(passed) == 3 and all(p is q for p, q in zip(passed, params))
+        assert params[1].grad is None
+
+
 def test_empty_generator_warns_like_torch(backend):
     with pytest.warns(UserWarning, match="empty generator"):
         fastclip.clip_((p for p in []), 1.0, backend=backend)
