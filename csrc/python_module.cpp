@@ -254,7 +254,8 @@ class ChainPrefetcher {
     }
     if (Py_ssize_t j = i + kGradAhead; j >= 0 && j < size_) {
       c10::TensorImpl* impl = impls_[j % kRing];
-      grads_[j % kRing] = impl != nullptr && impl->grad().defined() ? impl->grad().unsafeGetTensorImpl() : nullptr;
+      c10::TensorImpl* grad = impl != nullptr ? impl->grad().unsafeGetTensorImpl() : nullptr;
+      grads_[j % kRing] = grad != c10::UndefinedTensorImpl::singleton() ? grad : nullptr;  // no gradient: the singleton
       if (grads_[j % kRing] != nullptr) prefetch_lines(grads_[j % kRing], 4);
     }
     if (Py_ssize_t j = i + kStorageAhead; j >= 0 && j < size_) {
