@@ -28,13 +28,19 @@ except ImportError:
 Provider = Callable[[list[torch.Tensor], float], torch.Tensor]
 
 
+def gradient_list(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The parameters' gradients as clip_grad_norm_ takes them (and as the benchmark times taking
+    them: part of the many-tensor limit)."""
+    return [p.grad for p in params if p.grad is not None]
+
+
 def _multi_tensor_clip(l2norm, scale, applier) -> Provider:
     """clip_grad_norm_ the way Megatron-style trainers do it with apex/TE kernels: one l2norm launch
     per dtype, then a scale launch if the (host-side) coefficient is below 1. The coefficient goes
     through the host, which is that recipe's synchronisation, measured as such."""
 
     def clip(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-        grads = [p.grad for p in params if p.grad is not None]
+        grads = gradient_list(params)
         flag = torch.zeros(1, dtype=torch.int, device=grads[0].device)
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
         for g in grads:

@@ -29,7 +29,7 @@ from tqdm import tqdm
 import fastclip
 
 from bench import report
-from bench.providers import is_fastclip_or_torch, providers
+from bench.providers import gradient_list, is_fastclip_or_torch, providers
 from bench.workloads import Workload, make_grads, preset
 
 NO_CLIP, CLIP = 1e9, 1e-3
@@ -122,7 +122,7 @@ def bench_workload(workload: Workload, device: str, repeats: int, timer: Timer, 
     for name in failures:
         del table[name]
     limits = {"one read": lambda: flat.sum(), "read + write": lambda: (flat.sum(), flat.mul_(1.0)),
-              GRADIENT_LIST: lambda: [p.grad for p in params if p.grad is not None]}
+              GRADIENT_LIST: lambda: gradient_list(params)}
     samples: dict[tuple[str, str], list[float]] = {}
     names = list(table) + list(limits)
     for round_index in range(repeats + WARMUP_ROUNDS):
@@ -150,7 +150,7 @@ def host_overhead_per_tensor(device: str, backend: str, count: int, repeats: int
     medians of interleaved calls of each."""
     params = parameters_for([torch.ones(1, device=device) for _ in range(count)])
     calls = {"clip_": lambda: fastclip.clip_(params, 1e9, backend=backend),
-             "list": lambda: [p.grad for p in params if p.grad is not None]}
+             "list": lambda: gradient_list(params)}
     samples = {name: [] for name in calls}
     for round_index in range(repeats + WARMUP_ROUNDS):
         for name, call in calls.items():
