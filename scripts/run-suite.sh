@@ -14,6 +14,11 @@ else
   # No GPU (CI): the Triton kernels run on CPU tensors in Triton's interpreter.
   export TRITON_INTERPRET=1
   export FASTCLIP_TEST_REQUIRE="${FASTCLIP_TEST_REQUIRE-torch cpp triton}"
+  # Most of the time goes to the interpreter, one core per test: one pytest-xdist worker per core
+  # (at most 4; FASTCLIP_TEST_WORKERS overrides, 1 runs in this process), tests handed out as
+  # workers free up, since a few of them take a minute and most a fraction of a second.
+  workers=${FASTCLIP_TEST_WORKERS:-$(( $(nproc) < 4 ? $(nproc) : 4 ))}
+  if [ "$workers" -gt 1 ]; then set -- -n "$workers" --dist worksteal "$@"; fi
 fi
 if [ "${FASTCLIP_USE_CUDA:-}" = "1" ]; then
   # The build was asked for CUDA kernels (setup.py stops without a matching toolkit): the tests
