@@ -75,7 +75,8 @@ def test_tiny_run_writes_every_output(tmp_path):
 
 def test_many_tensor_targets_report_the_limit_with_the_gradient_list(monkeypatch):
     """Building the gradient list is timed in the same rounds (no-clip step only), and a no-clip target
-    on 1,000 tensors or more reports the limit of one read plus that list next to its figure."""
+    on 1,000 tensors or more reports the limit of one read plus that list next to its figure, and the
+    ceiling of one read alone."""
     # The baseline and the backend the targets name: the others (Triton's interpreter, torch's loop)
     # would take minutes on 1,000 tensors and add nothing to what this checks.
     real = run.providers
@@ -90,6 +91,9 @@ def test_many_tensor_targets_report_the_limit_with_the_gradient_list(monkeypatch
     lines = [line for line in report.targets([result]) if line.startswith("- no clipping, 2000 x 8K")]
     assert len(lines) == 2  # the C++ issue's target and the CPU-speed issue's
     assert all(f"one read + building the gradient list: {limit * 1e3:.3f} ms" in line for line in lines), lines
+    read = result.median("one read", "no clip")
+    ceiling = result.median("torch default", "no clip") / read
+    assert all(f"one read alone: {read * 1e3:.3f} ms, {ceiling:.2f}x torch" in line for line in lines), lines
     assert "gradient list" not in report.markdown([result]).split("Targets of")[0]  # not a provider column
 
 
