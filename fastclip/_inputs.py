@@ -7,6 +7,7 @@ gradient is touched, and so that every backend receives the same normalised argu
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 import types
 import warnings
@@ -147,8 +148,12 @@ def grads_of(parameters: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def parse_norm_type(norm_type) -> float:
-    """``norm_type`` as a float: any real number, ``inf``, ``-inf`` or the string ``'inf'``."""
-    if isinstance(norm_type, bool) or not isinstance(norm_type, (int, float, str)):
+    """``norm_type`` as a float, as torch's ``float(norm_type)``: any real number (numpy's
+    included), ``inf``, ``-inf``, the string ``'inf'`` or a one-element tensor."""
+    if isinstance(norm_type, torch.Tensor):
+        if norm_type.numel() != 1:
+            raise ValueError(f"norm_type must be a number or a one-element tensor, got shape {tuple(norm_type.shape)}")
+    elif isinstance(norm_type, bool) or not isinstance(norm_type, (numbers.Real, str)):
         raise TypeError(f"norm_type must be a number or 'inf', got {norm_type!r}")
     try:
         value = float(norm_type)
@@ -175,7 +180,8 @@ def parse_overflow_safe(overflow_safe: bool, norm_type: float) -> bool:
 
 
 def parse_max_norm(max_norm, arg_name: str = "max_norm") -> float:
-    """``max_norm`` (a float or a 0-dim tensor) as a Python float, as torch converts it.
+    """``max_norm`` (a real number, numpy's included, or a one-element tensor) as a Python float,
+    as torch converts it.
 
     A CUDA tensor costs one device-to-host copy here, exactly as in ``clip_grad_norm_``.
     """
@@ -183,7 +189,7 @@ def parse_max_norm(max_norm, arg_name: str = "max_norm") -> float:
         if max_norm.numel() != 1:
             raise ValueError(f"{arg_name} must be a number or a one-element tensor, got shape {tuple(max_norm.shape)}")
         return _checked_bound(float(max_norm), arg_name)
-    if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)):
+    if isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real):  # numpy's scalars are Real
         raise TypeError(f"{arg_name} must be a number or a one-element tensor, got {type(max_norm).__name__}")
     return _checked_bound(float(max_norm), arg_name)
 

@@ -16,6 +16,7 @@ coefficient is 1, so a step that does not clip costs one read. The arithmetic is
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -34,7 +35,7 @@ _SCALAR = (1,)
 def _positive(value, name: str, *, allow_none: bool = False, upper: float = math.inf):
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < upper):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (0 < value < upper):
         bound = "" if upper == math.inf else f" and < {upper}"
         raise ValueError(f"{name} must be a number > 0{bound}, got {value!r}")
     return float(value)
@@ -133,7 +134,7 @@ class RunningAverageClip(_AdaptiveClip):
     def __init__(self, alpha: float = 0.95, multiplier: float = 3.0, eps: float = 0.0, backend: str = "auto"):
         self.alpha = _positive(alpha, "alpha", upper=1.0)
         self.multiplier = _positive(multiplier, "multiplier")
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 <= eps < math.inf:
             raise ValueError(f"eps must be a number >= 0, got {eps!r}")
         self.eps = float(eps)
         super().__init__(backend)

@@ -13,6 +13,7 @@ each parameter and gradient once and write only the units that clip. See ``../sh
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -42,7 +43,7 @@ def adaptive_clip_reference_(params: list[torch.Tensor], grads: list[torch.Tenso
 def _positive_finite(value, name: str) -> float:
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = float(value)  # one host read, as torch's own functions take a tensor bound
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (0 < value < math.inf):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     return float(value)
 

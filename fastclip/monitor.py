@@ -5,6 +5,7 @@ happens, spikes), without a host-device synchronisation until a value is read.""
 from __future__ import annotations
 
 import math
+import numbers
 import types
 
 import torch
@@ -210,7 +211,7 @@ class ClipMonitor:
             if percentile not in self._STRATEGIES:
                 raise ValueError(f"percentile must be a number or one of {sorted(self._STRATEGIES)}, got {percentile!r}")
             percentile = self._STRATEGIES[percentile]
-        if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 0 < percentile <= 100:
+        if isinstance(percentile, bool) or not isinstance(percentile, numbers.Real) or not 0 < percentile <= 100:
             raise ValueError(f"percentile must be in (0, 100], got {percentile!r}")
         self._catch_up()
         history = self._host if last is None else self._host[-last:]

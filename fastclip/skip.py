@@ -5,6 +5,7 @@ optimizer's ``found_inf`` (see :func:`fastclip.clipped_step`)."""
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -12,7 +13,7 @@ from fastclip._device_state import FollowsDevice
 
 
 def _is_positive_number(value) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+    return not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value) and value > 0
 
 
 class _History:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import warnings
 
+import numpy
 import pytest
 import torch
 
@@ -66,9 +67,28 @@ def test_empty_generator_warns_like_torch(backend):
         fastclip.clip_([], 1.0, backend=backend)  # an empty list is not suspicious
 
 
-@pytest.mark.parametrize("max_norm", [0.5, torch.tensor(0.5), torch.tensor([0.5], dtype=torch.float64), 1])
+@pytest.mark.parametrize("max_norm", [0.5, torch.tensor(0.5), torch.tensor([0.5], dtype=torch.float64), 1,
+                                      numpy.float32(0.5), numpy.int64(1)], ids=repr)
 def test_max_norm_spellings(backend, max_norm):
     check_clip(backend, MIXED, max_norm)
+
+
+@pytest.mark.parametrize("norm_type", [numpy.float32(2.0), numpy.int64(1), torch.tensor(2.0), torch.tensor(math.inf)],
+                         ids=repr)
+def test_norm_type_spellings(backend, norm_type):
+    """torch takes float(norm_type): numpy scalars and one-element tensors too (a trainer's config
+    values are often numpy's)."""
+    check_clip(backend, MIXED, 0.5, norm_type)
+
+
+def test_clip_value_spellings(backend):
+    params, _ = build(MIXED)
+    expected, _ = build(MIXED)
+    for clip_value in (numpy.float32(0.25), numpy.int64(1), torch.tensor(0.125)):
+        fastclip.clip_grad_value_(params, clip_value, backend=backend)
+        torch.nn.utils.clip_grad_value_(expected, float(clip_value))
+        for p, q in zip(params, expected):
+            assert_same(p.grad, q.grad, f"clip_value {clip_value!r}")
 
 
 @pytest.mark.parametrize("norm_type", [2.0, 1, 3.0, math.inf, "inf", -math.inf, 0.0], ids=str)
