@@ -14,6 +14,7 @@ import os
 import torch
 
 from fastclip._inputs import TensorSummary, summarize
+from fastclip.distributed import has_dtensors
 from fastclip.backends import Backend, CppBackend, TorchBackend, TritonBackend
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (TorchBackend(), CppBackend(), TritonBackend())}
@@ -94,6 +95,14 @@ def select_backend(
             cannot serve these tensors; the message says why.
     """
     name = requested_backend(backend)
+    if tensors and has_dtensors(tensors):
+        # The norms take DTensors' local shards before they get here, and so do the elementwise
+        # operations; what comes here with DTensors (AGC, per-tensor clipping) runs torch's own
+        # operations on them, which do the collectives that the fused kernels cannot.
+        if name not in ("auto", "torch"):
+            raise ValueError(f"fastclip backend {name!r} cannot serve this call: DTensor gradients (the fused kernels "
+                             "take plain tensors; backend 'torch' runs torch's DTensor operations)")
+        return BACKENDS["torch"]
     summary = summary or summarize(tensors)
     if name != "auto":
         reason = _reason_not_served(BACKENDS[name], tensors, norm_type, summary, overflow_safe, operation)

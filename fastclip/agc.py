@@ -32,9 +32,11 @@ def unit_norms(x: torch.Tensor, norm_type: float) -> torch.Tensor:
 def adaptive_clip_reference_(params: list[torch.Tensor], grads: list[torch.Tensor], clip_factor: float, eps: float,
                              norm_type: float) -> None:
     """timm's arithmetic, operation for operation, in each tensor's dtype: the reference, and what
-    backends without a fused kernel run."""
+    backends without a fused kernel run. Out of place where timm works in place (the same values):
+    the norm of a DTensor sharded across its only unit is a pending (partial) reduction, which
+    in-place operations cannot take."""
     for p, g in zip(params, grads):
-        limit = unit_norms(p.detach(), norm_type).clamp_(min=eps).mul_(clip_factor)
+        limit = unit_norms(p.detach(), norm_type).clamp(min=eps).mul(clip_factor)
         grad_norm = unit_norms(g, norm_type)
         clipped = g * (limit / grad_norm.clamp(min=1e-6))
         g.copy_(torch.where(grad_norm < limit, g, clipped))

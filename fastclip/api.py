@@ -345,7 +345,7 @@ def clip_grad_value_(
     """
     parameters = as_tensor_list(parameters, "parameters", warn_empty_generator=False)
     clip_value = parse_max_norm(clip_value, "clip_value")
-    grads = grads_of(parameters)
+    grads, _, _ = split_shards(grads_of(parameters), None)  # clamping is elementwise: local shards
     summary = summarize(grads)
     check_gradients(grads, summary, "parameters", written=True)
     for dtype in summary.dtypes:

@@ -58,7 +58,7 @@ def _dtensor_class():
     return None if module is None else module.DTensor
 
 
-def _has_dtensors(tensors: list[torch.Tensor]) -> bool:
+def has_dtensors(tensors: list[torch.Tensor]) -> bool:
     # On every call: the distinct types are collected in C (a model has one or two), so the common
     # case costs no Python-level pass over the gradients.
     dtensor = _dtensor_class()
@@ -138,7 +138,7 @@ def split_shards(grads: list[torch.Tensor], group) -> tuple[list[torch.Tensor], 
             ``group`` without this rank or over other ranks than the DTensors' meshes, gradients on
             several device types.
     """
-    if group is None and not _has_dtensors(grads):
+    if group is None and not has_dtensors(grads):
         return grads, [], None
     dtensor = _dtensor_class()
     by_layout: dict[tuple, list] = {}

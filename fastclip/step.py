@@ -35,7 +35,7 @@ from torch.amp.grad_scaler import OptState
 from fastclip import api
 from fastclip.amp import unscale_clip_
 from fastclip.backends.torch_backend import clip_coefficient
-from fastclip.distributed import _has_dtensors
+from fastclip.distributed import has_dtensors
 from fastclip._inputs import grads_of, parse_max_norm, parse_norm_type
 from fastclip.skip import SkipOnSpike
 
@@ -59,7 +59,7 @@ def _scaler_state(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer
 
 
 def _choose_path(path, optimizer, grads, scaler_enabled, norm_type) -> str:
-    servable = (_is_fused(optimizer) and bool(grads) and norm_type > 0 and not _has_dtensors(grads)
+    servable = (_is_fused(optimizer) and bool(grads) and norm_type > 0 and not has_dtensors(grads)
                 and len({g.device for g in grads}) == 1 and all(g.layout == torch.strided for g in grads))
     if path == "grad_scale" and not servable:
         raise ValueError("path='grad_scale' needs a fused optimizer (fused=True), gradients as plain strided tensors "

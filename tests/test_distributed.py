@@ -70,7 +70,7 @@ def _worker(rank: int, world: int, init_file: str, backends: list[str], with_fsd
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         import fastclip
-        from harness import whole_norm
+        from harness import assert_same, whole_norm
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor import Shard, distribute_tensor
 
@@ -98,6 +98,30 @@ def _worker(rank: int, world: int, init_file: str, backends: list[str], with_fsd
                 norm = whole_norm(fastclip.clip_(dparams, max_norm, norm_type, backend=backend), dtensor=True)
                 _check(norm, [p.grad.to_local() for p in dparams], full, max_norm, norm_type, rank, world,
                        f"DTensor {backend}", dtensor_layout=True)
+
+        # Value clipping and AGC of DTensor gradients, with backend "auto": clamping runs on each
+        # local shard (exactly torch's clamping of the whole); AGC runs torch's DTensor operations
+        # (a unit can span ranks: a 1-d gradient is one unit), so it is torch's AGC of the whole
+        # within rounding.
+        generator = torch.Generator().manual_seed(11)
+        weights = [torch.randn(g.shape, generator=generator) for g in full]
+        for operation in ("value", "agc"):
+            expected = [torch.nn.Parameter(w.clone()) for w in weights]
+            dparams = [torch.nn.Parameter(distribute_tensor(w.clone(), mesh, [Shard(0)])) for w in weights]
+            for p, q, g in zip(dparams, expected, full):
+                p.grad, q.grad = distribute_tensor(g.clone(), mesh, [Shard(0)]), g.clone()
+            if operation == "value":
+                fastclip.clip_grad_value_(dparams, 0.5)
+                torch.nn.utils.clip_grad_value_(expected, 0.5)
+            else:
+                fastclip.adaptive_clip_grad_(dparams, 0.05)
+                fastclip.adaptive_clip_grad_(expected, 0.05, backend="torch")
+            for i, (p, q) in enumerate(zip(dparams, expected)):
+                shard = _shard(q.grad, rank, world, dtensor_layout=True)
+                if operation == "value":
+                    assert_same(p.grad.to_local(), shard, f"DTensor value clipping: shard {i}")
+                else:
+                    torch.testing.assert_close(p.grad.to_local(), shard, rtol=1e-6, atol=0, msg=f"DTensor AGC: shard {i}")
 
         if not with_fsdp2:
             return
