@@ -6,7 +6,9 @@ Each process computes the norm of its local shards with a fused kernel and turns
 of the global sum of |g|^p (or max). Every share goes into one vector and one ``all_reduce`` (SUM,
 or MAX for the inf norm) gives the global value on every rank, bit-identical across ranks; the root
 follows, and every process scales its own shards by the same coefficient. Nothing waits on the
-host: the collective is stream-ordered, and torch.distributed's own.
+host: the collective is stream-ordered. It is torch's functional ``all_reduce``, the one DTensor's
+own norm reduction issues, so tools that count or trace torch's collectives (CommDebugMode,
+torch.compile) see the kind they see in torch's ``clip_grad_norm_``, only fewer of them.
 
 One collective serves several shard sets (FSDP x TP, dense and expert meshes, pipeline stages)
 because replication is divided out exactly rather than by reducing dimension by dimension: of the
@@ -332,8 +334,10 @@ def global_norm(shard_sets: list[ShardSet], norm_type: float, total_dtype: torch
         A 0-dim tensor of ``total_dtype`` on the first shard's device (where this process has no
         shard: on the collectives' device).
     """
+    from torch.distributed import _functional_collectives as functional  # out of place; waited on first use
+
     is_max = math.isinf(norm_type)
-    op = dist.ReduceOp.MAX if is_max else dist.ReduceOp.SUM
+    op = "max" if is_max else "sum"
     reductions, extra_groups = _plan(shard_sets, list(extra_groups))
     device = next((t.device for s in shard_sets for t in s.tensors), None)
     if device is None:
@@ -356,10 +360,10 @@ def global_norm(shard_sets: list[ShardSet], norm_type: float, total_dtype: torch
             else:
                 part = part + norm**norm_type
         if reduction.group is not None:
-            dist.all_reduce(part, op=op, group=reduction.group)
+            part = functional.all_reduce(part, op, reduction.group)
         total = part if total is None else (torch.maximum(total, part) if is_max else total + part)
     for group in extra_groups:
-        dist.all_reduce(total, op=op, group=group)
+        total = functional.all_reduce(total, op, group)
     if is_max:
         return torch.where(total[1] > 0, math.nan, total[0]).to(total_dtype)
     return (total[0] ** (1.0 / norm_type)).to(total_dtype)
