@@ -7,8 +7,8 @@ of the global sum of |g|^p (or max). Every share goes into one vector and one ``
 or MAX for the inf norm) gives the global value on every rank, bit-identical across ranks; the root
 follows, and every process scales its own shards by the same coefficient. Nothing waits on the
 host: the collective is stream-ordered. It is torch's functional ``all_reduce``, the one DTensor's
-own norm reduction issues, so tools that count or trace torch's collectives (CommDebugMode,
-torch.compile) see the kind they see in torch's ``clip_grad_norm_``, only fewer of them.
+own norm reduction issues, so tools that count torch's collectives (CommDebugMode) see the kind
+they see in torch's ``clip_grad_norm_``, only fewer of them.
 
 One collective serves several shard sets (FSDP x TP, dense and expert meshes, pipeline stages)
 because replication is divided out exactly rather than by reducing dimension by dimension: of the
