@@ -28,18 +28,18 @@ WORLD = 4
 NORM_TYPES = (2.0, math.inf)
 
 
-def _counted(fn, dtensor: bool | None = None, any_kind: bool = False):
+def _counted(fn, dtensor: bool | None = None):
     """(fn(), the number of collectives it issued); with ``dtensor`` set, fn() is a norm, checked
     to come back as torch's would (a replicated DTensor or a plain tensor) and given as plain.
-    Unless ``any_kind``, every collective must be torch's functional all_reduce: the kind DTensor's
-    own norm reduction issues, and the one torch's FSDP clipping test counts."""
+    Every collective must be torch's functional all_reduce: the kind DTensor's own norm reduction
+    issues, and the one torch's FSDP clipping test counts."""
     from harness import whole_norm
     from torch.distributed.tensor.debug import CommDebugMode
 
     with CommDebugMode() as comm:
         result = fn()
     kinds = {op: count for op, count in comm.get_comm_counts().items() if count}
-    assert any_kind or set(kinds) <= {torch.ops.c10d_functional.all_reduce}, kinds
+    assert set(kinds) <= {torch.ops.c10d_functional.all_reduce}, kinds
     return result if dtensor is None else whole_norm(result, dtensor), comm.get_total_counts()
 
 
