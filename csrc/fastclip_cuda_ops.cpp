@@ -122,9 +122,13 @@ class TableCache {
   std::deque<std::string> order_;  // insertion order, oldest first
 };
 
+// Never destroyed: as a static its tensors (pinned host and device memory) were freed by the exit
+// handlers, after torch's CUDA state was torn down, and every process that had used the CUDA kernels
+// died on exit (seen on an H200: "Unrecognized stream" or "invalid resource handle" from
+// ~TensorImpl, exit status 134 or 139 after all its work was done). The OS reclaims the memory.
 TableCache& table_cache() {
-  static TableCache cache;
-  return cache;
+  static TableCache* cache = new TableCache();
+  return *cache;
 }
 
 // The CUDA kernels' view of a list of tensors (see DenseTensors), with each one's scale mode.
