@@ -394,12 +394,16 @@ def test_every_method_captures_in_a_cuda_graph_after_warm_up(method):
         bound = {"adaptive_clip_grad_": (), "clip_per_tensor_": (0.5,), "clip_grad_value_": (0.02,)}[method]
         return None, lambda params: getattr(fastclip, method)(params, *bound)
 
+    def load(params, fresh):  # in place: the captured graph reads these storages
+        with torch.no_grad():
+            for p, f in zip(params, fresh):
+                p.copy_(f)  # AGC's bounds come from the parameters
+                p.grad.copy_(f.grad)
+
     (clipper, step), (twin, twin_step) = stepper(), stepper()
     params = make_params(0)
     for seed in range(3):  # warm-up: tables, compilation, the clipper's state on the GPU
-        fresh = make_params(seed)
-        for p, f in zip(params, fresh):
-            p.grad.copy_(f.grad)
+        load(params, make_params(seed))
         step(params)
         twin_step(make_params(seed))
     graph = torch.cuda.CUDAGraph()
@@ -410,8 +414,7 @@ def test_every_method_captures_in_a_cuda_graph_after_warm_up(method):
     torch.cuda.current_stream().wait_stream(stream)
     for seed in range(3, 9):
         fresh = make_params(seed)
-        for p, f in zip(params, fresh):
-            p.grad.copy_(f.grad)
+        load(params, fresh)
         graph.replay()
         twin_step(fresh)
         assert all(torch.equal(p.grad, f.grad) for p, f in zip(params, fresh)), f"step {seed}"
