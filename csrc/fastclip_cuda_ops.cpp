@@ -246,8 +246,10 @@ void scale_with_norm_cuda(at::TensorList grads, double max_norm, const at::Tenso
   run(grads, Norm{NormKind::kL2, 2.0}, total.scalar_type(), max_norm, /*compute_norm=*/false, /*scale=*/true, &total);
 }
 
-// clip_grad_value_: one launch over the cached table (the same one the norm kernels use).
-void clamp_values_cuda(at::TensorList grads, double clip_value) {
+// clip_grad_value_: one launch over the cached table (the same one the norm kernels use), with the
+// arithmetic of the route torch's foreach clamp takes for each dtype: the fused one when `foreach` and
+// every gradient of the dtype is dense, else the per-tensor one (cuda/value_clip_kernels.cu).
+void clamp_values_cuda(at::TensorList grads, double clip_value, bool foreach) {
   TORCH_CHECK(!grads.empty(), "fastclip: clamp_values_ needs at least one gradient");
   const at::Device device = grads[0].device();
   TORCH_CHECK(device.is_cuda(), "fastclip: expected CUDA tensors, got one on ", device);
@@ -256,7 +258,14 @@ void clamp_values_cuda(at::TensorList grads, double clip_value) {
   CudaKernelTensors kernel_tensors(grads, at::kFloat);  // no coefficient: the scale modes are not read
   const std::shared_ptr<const CachedTable> cached = table_cache().get(kernel_tensors.grads, device, current,
                                                                       is_capturing(current.stream()));
-  C10_CUDA_CHECK(cuda::launch_clamp(cached->device.data_ptr(), cached->layout, clip_value, current.stream()));
+  unsigned per_tensor_route_dtypes = 0;
+  for (const at::Tensor& g : grads) {
+    if (!foreach || !g.is_non_overlapping_and_dense()) {
+      per_tensor_route_dtypes |= 1u << static_cast<int>(kernel_dtype(g.scalar_type()));
+    }
+  }
+  C10_CUDA_CHECK(cuda::launch_clamp(cached->device.data_ptr(), cached->layout, clip_value, per_tensor_route_dtypes,
+                                    current.stream()));
   kernel_tensors.write_back();
 }
 

@@ -135,7 +135,8 @@ void scale_with_norm_cpu(at::TensorList grads, double max_norm, const at::Tensor
   if (coefficient != 1.0) kernel_tensors.write_back();
 }
 
-void clamp_values_cpu(at::TensorList grads, double clip_value) {
+// On CPU torch's foreach clamps take the per-tensor route whatever `foreach` says: one semantics.
+void clamp_values_cpu(at::TensorList grads, double clip_value, bool /*foreach*/) {
   KernelTensors kernel_tensors(grads, at::kFloat);  // no coefficient: the type is not used
   cpu::clamp_values(kernel_tensors.views.data(), kernel_tensors.views.size(), clip_value, aten_parallel_for());
   kernel_tensors.write_back();
@@ -233,7 +234,9 @@ TORCH_LIBRARY(fastclip, m) {
   // the gradient's dtype): from the same pass, for monitoring.
   m.def("clip_with_tensor_norms_(Tensor(a!)[] grads, float max_norm, float norm_type) -> (Tensor, Tensor)");
   // clip_grad_value_: every element clamped to [-clip_value, clip_value], in one pass.
-  m.def("clamp_values_(Tensor(a!)[] grads, float clip_value) -> ()");
+  // With foreach, the bits of torch's clip_grad_value_(foreach=None), else of foreach=False: on CUDA
+  // they differ in the sign of zero results when clip_value is 0 (cuda/value_clip_kernels.cu).
+  m.def("clamp_values_(Tensor(a!)[] grads, float clip_value, bool foreach=True) -> ()");
   // Each gradient clipped by its own norm (torch's clip_grad_norm_ on each alone); returns the norms
   // (float64, one per gradient).
   m.def("clip_per_tensor_(Tensor(a!)[] grads, float max_norm, float norm_type) -> Tensor");

@@ -315,6 +315,22 @@ def test_value_clipping_on_cuda_equals_torch(gpu_backend, case, dtype, clip_valu
             assert_same(p.grad, r.grad, "gradient")
 
 
+@pytest.mark.parametrize("foreach", [None, False], ids=["foreach_none", "foreach_false"])
+@pytest.mark.parametrize("clip_value", [0.0, 1e-30, 0.3, 65504.0], ids=str)
+def test_value_clipping_on_cuda_gives_torchs_signed_zeros(gpu_backend, clip_value, foreach):
+    """torch's CUDA foreach clamps take a fused route for a dtype whose gradients are all dense (with
+    clip_value 0 every element becomes +0.0) and a per-tensor route otherwise or with foreach=False
+    (-3 becomes -0.0): exact zeros, NaN and infinities of every dtype, both routes in one call."""
+    from harness import assert_same
+    from test_value_clip import signed_zero_params
+
+    mine, ref = signed_zero_params("cuda"), signed_zero_params("cuda")
+    torch.nn.utils.clip_grad_value_(ref, clip_value, foreach=foreach)
+    fastclip.clip_grad_value_(mine, clip_value, foreach=foreach, backend=gpu_backend)
+    for i, (p, r) in enumerate(zip(mine, ref)):
+        assert_same(p.grad, r.grad, f"gradient {i} ({r.grad.dtype})")
+
+
 @pytest.mark.parametrize("name", ["RunningAverageClip", "ZClip", "QuantileClip", "AdaGC", "clip_grad_value_"])
 def test_adaptive_clipping_and_value_clipping_do_not_sync(name):
     """After one warm-up step (which moves an adaptive clipper's state to the GPU), no step waits for

@@ -264,10 +264,11 @@ _COMPILE_SCRIPT = textwrap.dedent(
                        target=target)
         compiled += 2
     # The value-clipping kernel, with its bounds' bits typed i64, or i32 (Triton's type for a small
-    # integer such as the bits of 0.0).
+    # integer such as the bits of 0.0); the routes' mask is a small integer.
     for bits in ("i64", "i32"):
         clamp_signature = {"chunks_ptr": "*i64", "tensors_ptr": "*i64", "BLOCK": "constexpr",
-                           **dict.fromkeys(["hi_f32_bits", "hi_f16_bits", "hi_bf16_bits", "hi_f64_bits"], bits)}
+                           **dict.fromkeys(["hi_f32_bits", "hi_f16_bits", "hi_bf16_bits", "hi_f64_bits"], bits),
+                           "fused_route_dtypes": "i32"}
         triton.compile(ASTSource(value_clip._clamp_kernel, clamp_signature, {"BLOCK": 2048}), target=target)
         compiled += 1
     # Per-tensor scaling under CUDA's rules, every norm kind; AGC (every dtype inside one kernel).

@@ -13,6 +13,31 @@ import fastclip
 from harness import assert_same, build, poison
 from test_differential import DTYPE_CASES, SHAPE_CASES, _specs
 
+# Exact zeros of both signs, values either side of every bound used with them, NaN and infinities.
+SIGNED_ZERO_VALUES = [0.0, -0.0, -3.0, 3.0, 1e-3, -1e-3, 0.3, -0.3, math.inf, -math.inf, math.nan]
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def signed_zero_params(device: str = "cpu") -> list[torch.nn.Parameter]:
+    """Parameters of every float dtype whose gradients hold SIGNED_ZERO_VALUES six times over: fp32
+    and fp64 in a contiguous and a transposed (dense) gradient each, fp16 and bf16 in a contiguous
+    and a strided (not dense) one each, which sends torch's CUDA foreach clamps of those two dtypes
+    down their per-tensor route and those of the other two down their fused route."""
+    values = torch.tensor(SIGNED_ZERO_VALUES * 6, dtype=torch.float64)
+    params = []
+    for dtype in FLOAT_DTYPES:
+        base = values.to(dtype).to(device)
+        if dtype in (torch.float32, torch.float64):
+            second = base.clone().reshape(6, 11).t()
+        else:
+            second = torch.stack([base, -base], 1)[:, 0]
+        for g in (base, second):
+            p = torch.nn.Parameter(torch.zeros(g.shape, dtype=dtype, device=device))
+            p.grad = g
+            params.append(p)
+    return params
+
+
 # 0.3 is representable in no dtype here (each rounds it its own way), 1e-30 is 0 in fp16 (so the
 # interval is [-0, 0]) but not in bf16, 65504 is fp16's largest finite value.
 CLIP_VALUES = [0.3, 1.0, 1e-30, 0.0, 65504.0, math.inf, torch.tensor(0.25)]
@@ -80,3 +105,47 @@ def test_cpp_backend_clamps_in_one_kernel_call():
         fastclip.clip_grad_value_(mine, 0.3, backend="cpp")
     clamps = [e.name for e in profile.function_events if "clamp" in e.name]
     assert clamps == ["fastclip::clamp_values_"], clamps
+
+
+@pytest.mark.parametrize("foreach", [None, False], ids=["foreach_none", "foreach_false"])
+@pytest.mark.parametrize("clip_value", [0.0, 1e-30, 0.3, 65504.0], ids=str)
+def test_signed_zeros_are_torchs(backend, clip_value, foreach):
+    """Zeros keep or take the sign torch gives them (clip_value 0 clamps -3 to -0.0 on CPU), dense and
+    strided gradients of every dtype in one call; tests/test_cuda.py checks the same on CUDA, where
+    torch's routes differ."""
+    mine, ref = signed_zero_params(), signed_zero_params()
+    torch.nn.utils.clip_grad_value_(ref, clip_value, foreach=foreach)
+    fastclip.clip_grad_value_(mine, clip_value, foreach=foreach, backend=backend)
+    for i, (p, r) in enumerate(zip(mine, ref)):
+        assert_same(p.grad, r.grad, f"gradient {i} ({r.grad.dtype})")
+
+
+def _foreach_fused_route_reference(g: torch.Tensor, clip_value: float) -> torch.Tensor:
+    """torch's CUDA _foreach_clamp_min_(-c) then _foreach_clamp_max_(c) on their fused route, written
+    out: in float (double for fp64) with the bound as a float, keep x if NaN or above the lower bound,
+    else the bound; store; then likewise below the upper bound."""
+    math_dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
+    lo = torch.tensor(-clip_value, dtype=torch.float64).to(math_dtype)
+    hi = torch.tensor(clip_value, dtype=torch.float64).to(math_dtype)
+    x = g.to(math_dtype)
+    y = torch.where(x.isnan() | (x > lo), x, lo).to(g.dtype).to(math_dtype)
+    return torch.where(y.isnan() | (y < hi), y, hi).to(g.dtype)
+
+
+@pytest.mark.parametrize("clip_value", [0.0, 1e-30, 0.3], ids=str)
+def test_triton_fused_route_arithmetic_under_the_interpreter(clip_value):
+    """The Triton kernel's fused-route arithmetic, which torch (and so the operator) uses on CUDA
+    alone, run here under the interpreter against the route written out: with clip_value 0 every
+    element but NaN becomes +0.0."""
+    from conftest import require_backend
+
+    require_backend("triton")
+    import fastclip.triton_kernels.value_clip as value_clip
+
+    grads = [p.grad for p in signed_zero_params()]
+    expected = [_foreach_fused_route_reference(g, clip_value) for g in grads]
+    value_clip.clamp_on_routes_(grads, clip_value, dict.fromkeys(FLOAT_DTYPES, True))
+    for i, (g, e) in enumerate(zip(grads, expected)):
+        assert_same(g, e, f"gradient {i} ({g.dtype})")
+    if clip_value == 0.0:
+        assert all(not g[~g.isnan()].signbit().any() for g in grads)

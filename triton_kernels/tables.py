@@ -199,9 +199,12 @@ def _(tensors, coefficient_dtype_tag):
             torch.empty((len(tensors), TENSOR_COLUMNS.value), dtype=torch.int64, device=device))
 
 
-def _is_non_overlapping_and_dense(t: torch.Tensor) -> bool:
+def is_non_overlapping_and_dense(t: torch.Tensor) -> bool:
     """Whether t's elements fill one span of memory exactly once, in some order (contiguous,
-    transposed, channels-last...): the dimensions sorted by stride must pack without gaps."""
+    transposed, channels-last...): the dimensions sorted by stride must pack without gaps. Tensor
+    has no such method in Python; this is ATen's is_non_overlapping_and_dense()."""
+    if t.is_contiguous():  # the common case, answered in C
+        return True
     expected_stride = 1
     for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
         if stride != expected_stride:
@@ -215,7 +218,7 @@ def dense_tensors(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], list
     others; returns (dense tensors, (original, copy) pairs to write back after scaling)."""
     dense, copies = [], []
     for t in tensors:
-        if t.is_contiguous() or _is_non_overlapping_and_dense(t):
+        if is_non_overlapping_and_dense(t):
             dense.append(t)
         else:
             c = t.contiguous()

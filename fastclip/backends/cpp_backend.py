@@ -43,7 +43,7 @@ def _register_fake_kernels() -> None:
         return None
 
     @torch.library.register_fake("fastclip::clamp_values_")
-    def _(grads, clip_value):
+    def _(grads, clip_value, foreach=True):
         return None
 
     @torch.library.register_fake("fastclip::clip_per_tensor_")
@@ -126,7 +126,7 @@ class CppBackend(Backend):
 
     def clip_grad_value_(self, grads, clip_value, foreach):
         # Built wherever clip_ is (CPU and CUDA kernels of the same extension).
-        torch.ops.fastclip.clamp_values_(grads, clip_value)
+        torch.ops.fastclip.clamp_values_(grads, clip_value, foreach is not False)
 
     def operation_refusal(self, operation, device):
         if operation in CPU_ONLY_OPERATIONS and device.type != "cpu":

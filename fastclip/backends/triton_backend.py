@@ -105,7 +105,7 @@ class TritonBackend(Backend):
         torch.ops.fastclip_triton.scale_with_norm_(grads, max_norm, total_norm)
 
     def clip_grad_value_(self, grads, clip_value, foreach):
-        torch.ops.fastclip_triton.clamp_values_(grads, clip_value)
+        torch.ops.fastclip_triton.clamp_values_(grads, clip_value, foreach is not False)
 
     def clip_per_tensor_(self, grads, max_norm, norm_type):
         return torch.ops.fastclip_triton.clip_per_tensor_(grads, max_norm, norm_type)
