@@ -25,7 +25,7 @@ import triton.language as tl
 
 from .clip import NORM_L2, chunk_partial, finished_norm, scale_chunk
 from .elements import DTYPE_TAGS, float_bits, load_math, round_f32_to
-from .tables import CHUNK, TABLE_CACHE, checked_total_dtype, device_guard, upload, wrap_triton
+from .tables import CHUNK, TABLE_CACHE, checked_total_dtype, device_guard, upload
 
 # Columns of the run table (int64): [parameter address, gradient address, first unit, end unit,
 # elements per unit, dtype tag].
@@ -155,7 +155,7 @@ def adaptive_clip_(params: List[torch.Tensor], grads: List[torch.Tensor], clip_f
     runs, num_runs = _run_table(param_buffers, grad_buffers)
     if num_runs:
         with device_guard(grads[0].device):
-            wrap_triton(_agc_kernel)[(num_runs,)](
+            _agc_kernel[(num_runs,)](
                 runs, float_bits(float(clip_factor)), float_bits(float(eps)), float_bits(1e-6), BLOCK=_AGC_BLOCK,
                 num_warps=_AGC_WARPS, enable_fp_fusion=False,  # one rounding per operation, as timm's torch ops
             )

@@ -50,7 +50,6 @@ from .tables import (
     device_guard,
     tables_for,
     this_chunk,
-    wrap_triton,
 )
 
 # norm kinds (compile-time constants of the kernels)
@@ -507,7 +506,7 @@ def run_norm(tensors: list[torch.Tensor], norm_type: float, max_norm: float, tot
         tensor_norms = tensor_norms_out if tensor_norms_out is not None else torch.empty(
             len(tensors), dtype=torch.float64, device=device)
         partial_exponents = tensor_exponents = counters  # not read
-    wrap_triton(_norm_kernel)[(num_chunks,)](
+    _norm_kernel[(num_chunks,)](
         chunks, table, partials, tensor_norms, counters, total, coefficient, partial_exponents, tensor_exponents,
         len(tensors), len(numels) - numels.count(0), float_bits(float(norm_type)), float_bits(float(max_norm)),
         sum(numels), NORM=kind, TOTAL_DTYPE=DTYPE_TAGS[total_dtype], CPU_RULES=cpu_rules(device), SAFE=safe,
@@ -531,7 +530,7 @@ def _run_scale(tables, coefficient: torch.Tensor, coefficient_dtype: torch.dtype
     """Launch 2."""
     chunks, table, num_chunks = tables
     if num_chunks:
-        wrap_triton(_scale_kernel)[(num_chunks,)](
+        _scale_kernel[(num_chunks,)](
             chunks, table, coefficient, COEFFICIENT_DTYPE=DTYPE_TAGS[coefficient_dtype], BLOCK=SCALE_BLOCK,
             num_warps=SCALE_WARPS, enable_fp_fusion=False,  # one rounding per operation, as torch
         )
@@ -604,8 +603,8 @@ def scale_with_norm_(grads: List[torch.Tensor], max_norm: float, total_norm: tor
     total = total_norm.reshape(()).to(grads[0].device)
     coefficient = torch.empty((), dtype=torch.float64, device=grads[0].device)
     with device_guard(grads[0].device):
-        wrap_triton(_coefficient_kernel)[(1,)](total, coefficient, float_bits(float(max_norm)),
-                                              TOTAL_DTYPE=DTYPE_TAGS[total.dtype], enable_fp_fusion=False)
+        _coefficient_kernel[(1,)](total, coefficient, float_bits(float(max_norm)), TOTAL_DTYPE=DTYPE_TAGS[total.dtype],
+                                  enable_fp_fusion=False)
         _run_scale(tables_for(dense, total.dtype, list(map(torch.Tensor.numel, dense))), coefficient, total.dtype)
     for original, copy in copies:
         original.copy_(copy)
@@ -623,7 +622,7 @@ def scale_by_(grads: List[torch.Tensor], coefficients: torch.Tensor) -> None:
     chunks, table, num_chunks = tables_for(dense, torch.float64, list(map(torch.Tensor.numel, dense)))
     if num_chunks:
         with device_guard(grads[0].device):
-            wrap_triton(_scale_by_kernel)[(num_chunks,)](
+            _scale_by_kernel[(num_chunks,)](
                 chunks, table, coefficients.to(grads[0].device).contiguous(),
                 PER_TENSOR=coefficients.numel() != 1, BLOCK=SCALE_BLOCK, num_warps=SCALE_WARPS,
                 enable_fp_fusion=False,

@@ -21,7 +21,7 @@ import triton.language as tl
 from .clip import (SCALE_BLOCK, SCALE_WARPS, accumulate, clip_coefficient, cpu_rules, finished_norm, norm_kind, run_norm,
                    scale_chunk)
 from .elements import float_bits, round_f32_to
-from .tables import TENSOR_COLUMNS, checked_total_dtype, dense_tensors, device_guard, this_chunk, wrap_triton
+from .tables import TENSOR_COLUMNS, checked_total_dtype, dense_tensors, device_guard, this_chunk
 
 
 @triton.jit
@@ -76,7 +76,7 @@ def clip_per_tensor_(grads: List[torch.Tensor], max_norm: float, norm_type: floa
     with device_guard(device):
         _, _, (chunks, table, num_chunks) = run_norm(dense, norm_type, max_norm, total_dtype, False, tensor_norms)
         if num_chunks:
-            wrap_triton(_per_tensor_scale_kernel)[(num_chunks,)](
+            _per_tensor_scale_kernel[(num_chunks,)](
                 chunks, table, tensor_norms, float_bits(float(norm_type)), float_bits(float(max_norm)),
                 NORM=norm_kind(norm_type), CPU_RULES=cpu_rules(device), BLOCK=SCALE_BLOCK, num_warps=SCALE_WARPS,
                 enable_fp_fusion=False,  # one rounding per operation, as torch

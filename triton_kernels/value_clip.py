@@ -29,7 +29,7 @@ import triton.language as tl
 
 from .elements import DTYPE_TAGS, float_bits, load_math, store_math
 from .tables import (INTERPRETING, checked_total_dtype, dense_tensors, device_guard, is_non_overlapping_and_dense,
-                     tables_for, this_chunk, wrap_triton)
+                     tables_for, this_chunk)
 
 # Each program clamps a chunk in BLOCK-wide steps; like the scale kernel's (clip.py), one fixed
 # configuration: the kernel writes the gradients, so it cannot be benchmarked in place.
@@ -115,8 +115,7 @@ def clamp_on_routes_(grads: list[torch.Tensor], clip_value: float, fused_routes:
         bounds = [float_bits(_bound(clip_value, d, fused_routes[d])) for d in _KERNEL_DTYPES]
         mask = sum(1 << DTYPE_TAGS[d] for d in _KERNEL_DTYPES if fused_routes[d])
         with device_guard(grads[0].device):
-            wrap_triton(_clamp_kernel)[(num_chunks,)](chunks, table, *bounds, mask, BLOCK=_CLAMP_BLOCK,
-                                                      num_warps=_CLAMP_WARPS)
+            _clamp_kernel[(num_chunks,)](chunks, table, *bounds, mask, BLOCK=_CLAMP_BLOCK, num_warps=_CLAMP_WARPS)
     for original, copy in copies:
         original.copy_(copy)
 
