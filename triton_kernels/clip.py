@@ -542,15 +542,21 @@ def _total_dtype(tensors: list[torch.Tensor], what: str, overflow_safe: bool) ->
     return torch.promote_types(dtype, torch.float32) if overflow_safe else dtype
 
 
-@torch.library.custom_op("fastclip_triton::total_norm", mutates_args=())
-def total_norm(tensors: List[torch.Tensor], norm_type: float, overflow_safe: bool = False) -> torch.Tensor:
+def total_norm_of(tensors: list[torch.Tensor], norm_type: float, overflow_safe: bool = False) -> torch.Tensor:
     """The total ``norm_type``-norm of ``tensors``, in the promoted dtype, as torch computes it;
-    or the overflow-safe norm of all their elements (see _scaled_chunk_partial)."""
+    or the overflow-safe norm of all their elements (see _scaled_chunk_partial). The body of the
+    ``total_norm`` op, which eager callers may call without the op's dispatch."""
     total_dtype = _total_dtype(tensors, "total_norm", overflow_safe)
     dense, _ = dense_tensors(tensors)
     with device_guard(tensors[0].device):
         total, _, _ = run_norm(dense, norm_type, 1.0, total_dtype, overflow_safe)
     return total
+
+
+@torch.library.custom_op("fastclip_triton::total_norm", mutates_args=())
+def total_norm(tensors: List[torch.Tensor], norm_type: float, overflow_safe: bool = False) -> torch.Tensor:
+    """:func:`total_norm_of` as an opaque op (one launch)."""
+    return total_norm_of(tensors, norm_type, overflow_safe)
 
 
 @torch.library.custom_op("fastclip_triton::tensor_norms", mutates_args=())
@@ -579,10 +585,16 @@ def _clip(grads: list[torch.Tensor], max_norm: float, norm_type: float, overflow
     return total, tensor_norms
 
 
+def clip_grads(grads: list[torch.Tensor], max_norm: float, norm_type: float, overflow_safe: bool = False) -> torch.Tensor:
+    """Clips ``grads`` in place by their total norm, which it returns (two launches). The body of
+    the ``clip_`` op, which eager callers may call without the op's dispatch."""
+    return _clip(grads, max_norm, norm_type, overflow_safe, "clip_")[0]
+
+
 @torch.library.custom_op("fastclip_triton::clip_", mutates_args={"grads"})
 def clip_(grads: List[torch.Tensor], max_norm: float, norm_type: float, overflow_safe: bool = False) -> torch.Tensor:
-    """Clips ``grads`` in place by their total norm, which it returns (two launches)."""
-    return _clip(grads, max_norm, norm_type, overflow_safe, "clip_")[0]
+    """:func:`clip_grads` as an opaque op that declares the gradients it writes."""
+    return clip_grads(grads, max_norm, norm_type, overflow_safe)
 
 
 @torch.library.custom_op("fastclip_triton::clip_with_tensor_norms_", mutates_args={"grads"})

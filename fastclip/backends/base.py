@@ -132,6 +132,14 @@ class Backend:
         adaptive_clip_reference_(params, grads, clip_factor, eps, norm_type)
 
 
+def dispatcher_may_be_skipped() -> bool:
+    """Whether this call may run a backend's kernels without torch's dispatcher (the C++ operators'
+    own functions, the Triton ops' Python bodies): only in eager code. Traced code, torch function
+    and dispatch modes, and the profiler must see the operators."""
+    return not (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+                or torch._C._is_torch_function_mode_enabled() or torch.autograd._profiler_enabled())
+
+
 def total_norm_dtype(tensors: list[torch.Tensor], overflow_safe: bool = False) -> torch.dtype:
     """The dtype of the total norm: torch.stack of the per-tensor norms promotes every tensor's
     dtype; the overflow-safe norm is at least float32 (fp16 norms readily exceed 65504)."""

@@ -7,7 +7,7 @@ import functools
 import torch
 
 from fastclip import _extension
-from fastclip.backends.base import Backend, fused_kernel_refusal, total_norm_dtype
+from fastclip.backends.base import Backend, dispatcher_may_be_skipped, fused_kernel_refusal, total_norm_dtype
 
 # Dispatch key of the extension's kernels for each device type it can serve.
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
@@ -63,11 +63,9 @@ def direct_entries():
     """``fastclip._C`` if this call may use its direct entries (``clip_``, ``total_norm``: the CPU and
     CUDA operators' own functions, ``scale_by_``: the CPU one, called without the dispatcher, ~0.1 us
     per tensor cheaper; ``clip_parameters``: :func:`fastclip.clip_`'s whole call), else None: they
-    serve eager calls only; traced code, torch function and dispatch modes, and the profiler must see
-    the operators. An entry answers NotImplemented for what it does not serve (a tensor subclass, a
+    serve eager calls only (:func:`~fastclip.backends.base.dispatcher_may_be_skipped`). An entry answers NotImplemented for what it does not serve (a tensor subclass, a
     CUDA tensor for scale_by_), and the caller then takes the general path."""
-    if (torch.compiler.is_compiling() or _extension.load_error() is not None or torch._C._len_torch_dispatch_stack()
-            or torch._C._is_torch_function_mode_enabled() or torch.autograd._profiler_enabled()):
+    if _extension.load_error() is not None or not dispatcher_may_be_skipped():
         return None
     import fastclip._C
 
