@@ -191,7 +191,7 @@ void run(const char* name, int device, int count, NormKind kind, bool compute_no
 void run_clamp(const char* name, int count) {
   std::vector<char> table;
   const TableLayout layout = start(0, count, cudaSuccess, table);
-  print_result(name, layout, launch_clamp(table.data(), layout, 1.0, nullptr), false);
+  print_result(name, layout, launch_clamp(table.data(), layout, 1.0, /*per_tensor_route_dtypes=*/0, nullptr), false);
 }
 
 }  // namespace
