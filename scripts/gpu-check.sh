@@ -77,8 +77,12 @@ except ImportError:
     triton_version = 'not installed'
 print(f'Python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), Triton {triton_version}')")
   driver=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2> /dev/null | head -1)
+  # The tree may differ from the commit git names (the device tool sends the working tree, and its
+  # copy of .git can be older): say how many files differ, so the summary never names the wrong code.
+  changed=$(git status --porcelain --untracked-files=no 2> /dev/null | wc -l)
   echo "$(date -u +'%Y-%m-%d %H:%M UTC'); $versions; driver ${driver:-unknown};" \
-       "fastclip $(git rev-parse --short HEAD 2> /dev/null || echo '(commit unknown: no git here)')"
+       "fastclip $(git rev-parse --short HEAD 2> /dev/null || echo '(commit unknown: no git here)')" \
+       "$([ "${changed:-0}" -gt 0 ] && echo "plus changes to $changed tracked files")"
   echo
   echo '```'
   cat "$logs/info.log"
