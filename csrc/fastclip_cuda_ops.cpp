@@ -258,11 +258,11 @@ void clamp_values_cuda(at::TensorList grads, double clip_value, bool foreach) {
   CudaKernelTensors kernel_tensors(grads, at::kFloat);  // no coefficient: the scale modes are not read
   const std::shared_ptr<const CachedTable> cached = table_cache().get(kernel_tensors.grads, device, current,
                                                                       is_capturing(current.stream()));
-  unsigned per_tensor_route_dtypes = 0;
-  for (const at::Tensor& g : grads) {
-    if (!foreach || !g.is_non_overlapping_and_dense()) {
-      per_tensor_route_dtypes |= 1u << static_cast<int>(kernel_dtype(g.scalar_type()));
-    }
+  // Without foreach every dtype takes the per-tensor route; else those of the gradients that are not
+  // dense, which DenseTensors copied.
+  unsigned per_tensor_route_dtypes = foreach ? 0u : ~0u;
+  for (const auto& copied : kernel_tensors.copies) {
+    per_tensor_route_dtypes |= 1u << static_cast<int>(kernel_dtype(copied.first.scalar_type()));
   }
   C10_CUDA_CHECK(cuda::launch_clamp(cached->device.data_ptr(), cached->layout, clip_value, per_tensor_route_dtypes,
                                     current.stream()));

@@ -144,7 +144,7 @@ def test_triton_fused_route_arithmetic_under_the_interpreter(clip_value):
 
     grads = [p.grad for p in signed_zero_params()]
     expected = [_foreach_fused_route_reference(g, clip_value) for g in grads]
-    value_clip.clamp_on_routes_(grads, clip_value, dict.fromkeys(FLOAT_DTYPES, True))
+    value_clip.clamp_on_routes_(grads, clip_value, fused_routes=dict.fromkeys(FLOAT_DTYPES, True))
     for i, (g, e) in enumerate(zip(grads, expected)):
         assert_same(g, e, f"gradient {i} ({g.dtype})")
     if clip_value == 0.0:

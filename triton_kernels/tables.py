@@ -173,12 +173,9 @@ def gradient_tables(tensors: list[torch.Tensor], coefficient_dtype: torch.dtype)
     return chunks, table
 
 
-def is_non_overlapping_and_dense(t: torch.Tensor) -> bool:
+def _is_non_overlapping_and_dense(t: torch.Tensor) -> bool:
     """Whether t's elements fill one span of memory exactly once, in some order (contiguous,
-    transposed, channels-last...): the dimensions sorted by stride must pack without gaps. Tensor
-    has no such method in Python; this is ATen's is_non_overlapping_and_dense()."""
-    if t.is_contiguous():  # the common case, answered in C
-        return True
+    transposed, channels-last...): the dimensions sorted by stride must pack without gaps."""
     expected_stride = 1
     for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
         if stride != expected_stride:
@@ -192,7 +189,7 @@ def dense_tensors(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], list
     others; returns (dense tensors, (original, copy) pairs to write back after scaling)."""
     dense, copies = [], []
     for t in tensors:
-        if is_non_overlapping_and_dense(t):
+        if t.is_contiguous() or _is_non_overlapping_and_dense(t):
             dense.append(t)
         else:
             c = t.contiguous()

@@ -28,8 +28,7 @@ import triton
 import triton.language as tl
 
 from .elements import DTYPE_TAGS, float_bits, load_math, store_math
-from .tables import (INTERPRETING, checked_total_dtype, dense_tensors, device_guard, is_non_overlapping_and_dense,
-                     tables_for, this_chunk)
+from .tables import INTERPRETING, checked_total_dtype, dense_tensors, device_guard, tables_for, this_chunk
 
 # Each program clamps a chunk in BLOCK-wide steps; like the scale kernel's (clip.py), one fixed
 # configuration: the kernel writes the gradients, so it cannot be benchmarked in place.
@@ -95,21 +94,25 @@ def _bound(value: float, dtype: torch.dtype, fused_route: bool) -> float:
     return (as_float if fused_route else as_float.to(dtype)).item()
 
 
-def torch_fused_routes(grads: list[torch.Tensor], foreach: bool) -> dict[torch.dtype, bool]:
+def torch_fused_routes(device: torch.device, foreach: bool,
+                       copies: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[torch.dtype, bool]:
     """For each kernel dtype, whether torch's foreach clamp takes its fused route for that dtype's
-    gradients: on CUDA, with ``foreach`` not False, when every one of them is dense."""
-    fused = dict.fromkeys(_KERNEL_DTYPES, foreach and grads[0].device.type == "cuda")
-    for g in grads:
-        if fused[g.dtype] and not is_non_overlapping_and_dense(g):
-            fused[g.dtype] = False
+    gradients: on CUDA, with ``foreach`` not False, when every one of them is dense (``copies``, from
+    :func:`dense_tensors`, holds those that are not)."""
+    fused = dict.fromkeys(_KERNEL_DTYPES, foreach and device.type == "cuda")
+    for original, _ in copies:
+        fused[original.dtype] = False
     return fused
 
 
-def clamp_on_routes_(grads: list[torch.Tensor], clip_value: float, fused_routes: dict[torch.dtype, bool]) -> None:
-    """The clamp with the arithmetic of the route ``fused_routes`` names for each dtype (one launch);
-    the operator below picks torch's routes. Apart for the tests: the interpreter runs the fused
-    route's arithmetic only through this, since torch takes that route on CUDA alone."""
+def clamp_on_routes_(grads: list[torch.Tensor], clip_value: float, foreach: bool = True,
+                     fused_routes: dict[torch.dtype, bool] | None = None) -> None:
+    """The clamp (one launch) with the arithmetic of torch's route for each dtype, or of the route
+    ``fused_routes`` names: that is for the tests, since torch takes the fused route on CUDA alone and
+    the interpreter runs its arithmetic only so."""
     dense, copies = dense_tensors(grads)
+    if fused_routes is None:
+        fused_routes = torch_fused_routes(grads[0].device, foreach, copies)
     chunks, table, num_chunks = tables_for(dense, torch.float32, list(map(torch.Tensor.numel, dense)))
     if num_chunks:
         bounds = [float_bits(_bound(clip_value, d, fused_routes[d])) for d in _KERNEL_DTYPES]
@@ -128,7 +131,7 @@ def clamp_values_(grads: List[torch.Tensor], clip_value: float, foreach: bool = 
     checked_total_dtype(grads, "clamp_values_")
     if not clip_value >= 0:
         raise ValueError(f"fastclip_triton: clip_value must be >= 0, got {clip_value}")
-    clamp_on_routes_(grads, clip_value, torch_fused_routes(grads, foreach))
+    clamp_on_routes_(grads, clip_value, foreach)
 
 
 @clamp_values_.register_fake
