@@ -9,9 +9,13 @@ larger buffer; the whole buffer is compared, so a write into the gaps is caught 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime
 import decimal
 import math
+import os
+import sys
 
 import pytest
 import torch
@@ -333,3 +337,31 @@ def record_served_backends(set_attribute) -> list[str]:
     set_attribute(fastclip.api, "_clip_in_one_call", spy_one_call)
     return served
 
+
+
+@contextlib.contextmanager
+def gloo_worker(rank: int, world: int, init_file: str, timeout_s: float = 60.0):
+    """A spawned worker's gloo process group: created on entry (file rendezvous, so no port to
+    collide with another test; a timeout, so a rank left waiting fails instead of hanging), destroyed
+    on exit. When the body succeeded the process then ends with ``os._exit(0)``, without finalizing
+    Python; an exception propagates as usual.
+
+    Why the exit: with torch 2.14.1, gloo's worker threads drop their last reference to a finished
+    collective (AsyncAllreduceWork, AsyncScatterWork, a barrier's) after the caller's wait has
+    returned. Dropping a tensor that has a Python object takes the GIL; when the main thread is
+    already finalizing the interpreter, taking the GIL ends the thread inside that destructor and
+    the process aborts ("terminate called without an active exception", SIGABRT), in about 1 run
+    in 8 of a short worker, whatever clipped the gradients (torch's own clip_grad_norm_ on DTensors
+    does it too). Skipping finalization leaves no finalizing interpreter for those threads to meet.
+    """
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

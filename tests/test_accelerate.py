@@ -20,7 +20,6 @@ branch of ``clip_grad_norm_``), which runs on CPU.
 
 from __future__ import annotations
 
-import datetime
 import os
 import sys
 
@@ -195,14 +194,13 @@ def _plain_and_patched_runs(mode: str, world: int, served: list[str], expected_b
 def _worker(rank: int, world: int, init_file: str) -> None:
     sys.path.insert(0, HERE)
     # What `accelerate launch` would set; with them Accelerator(cpu=True) picks MULTI_CPU and gloo.
-    # The process group is created here, with a file rendezvous (no port to collide with another
-    # test) and a timeout (a hang fails); Accelerate uses an existing one.
+    # The process group is created here (harness.gloo_worker); Accelerate uses an existing one.
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                       OMP_NUM_THREADS="1")
     torch.set_num_threads(1)  # world processes share the CPU
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
+    from harness import gloo_worker
+
+    with gloo_worker(rank, world, init_file):
         import fastclip
         from accelerate.state import AcceleratorState, GradientState
 
@@ -221,8 +219,6 @@ def _worker(rank: int, world: int, init_file: str) -> None:
             AcceleratorState._reset_state(reset_partial_state=True)
             GradientState._reset_state()
             served.clear()
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -67,8 +67,9 @@ FSDP2_RUNS_ON_CPU = hasattr(torch.cpu.Stream, "record_event")
 
 def _worker(rank: int, world: int, init_file: str, backends: list[str], with_fsdp2: bool) -> None:
     sys.path.insert(0, HERE)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    from harness import gloo_worker
+
+    with gloo_worker(rank, world, init_file):
         import fastclip
         from harness import assert_same, whole_norm
         from torch.distributed.device_mesh import init_device_mesh
@@ -140,8 +141,6 @@ def _worker(rank: int, world: int, init_file: str, backends: list[str], with_fsd
         norm = whole_norm(fastclip.clip_(model.parameters(), 0.01), dtensor=True)
         local = [p.grad.to_local() for p in model.parameters()]
         _check(norm, local, full, 0.01, 2.0, rank, world, "FSDP2", dtensor_layout=True)
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -173,8 +172,9 @@ def test_placements_that_shard_replicate_or_are_refused():
 
 def _strided_shard_worker(rank: int, world: int, init_file: str, backends: list[str]) -> None:
     sys.path.insert(0, HERE)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    from harness import gloo_worker
+
+    with gloo_worker(rank, world, init_file):
         import fastclip
         from harness import assert_norm_error_bound, assert_same, whole_norm
         from torch.distributed.device_mesh import init_device_mesh
@@ -201,8 +201,6 @@ def _strided_shard_worker(rank: int, world: int, init_file: str, backends: list[
                 rescaled = param(torch.arange(1.0, 9.0))
                 torch.nn.utils.clip_grads_with_norm_([rescaled], 5.0, norm)
                 assert_same(mine.grad.to_local(), rescaled.grad.to_local(), f"{what}: [E3] local shard")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_strided_shard_gradients_give_torchs_norm_on_every_rank(tmp_path):

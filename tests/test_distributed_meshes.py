@@ -13,7 +13,6 @@ One spawn runs every case on every backend, so the processes start once.
 
 from __future__ import annotations
 
-import datetime
 import math
 import os
 import sys
@@ -453,15 +452,12 @@ CASES = {"fsdp_tp": _fsdp_tp, "hsdp": _hsdp, "pipeline": _pipeline, "experts": _
 
 def _worker(rank: int, init_file: str, backends: list[str], cases: list[str]) -> None:
     sys.path.insert(0, HERE)
-    # A timeout, so that a rank left waiting in a collective fails the test instead of hanging it.
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
+    from harness import gloo_worker
+
+    with gloo_worker(rank, WORLD, init_file):
         for name in cases:
             CASES[name](rank, backends)
             dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def _stage_mesh_worker(rank: int, init_file: str, backends: list[str]) -> None:
@@ -470,9 +466,9 @@ def _stage_mesh_worker(rank: int, init_file: str, backends: list[str]) -> None:
     over the stage mesh flattened (a group built on the first call, then kept); with the pipeline
     group, the world's; one collective either way."""
     sys.path.insert(0, HERE)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=8,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
+    from harness import gloo_worker
+
+    with gloo_worker(rank, 8, init_file):
         import fastclip
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor import Replicate, Shard, distribute_tensor
@@ -508,8 +504,6 @@ def _stage_mesh_worker(rank: int, init_file: str, backends: list[str]) -> None:
                     else:
                         _assert_norm(norm, truth, norm_type, what, torch_norm)
                     _assert_clipped_shards([p.grad for p in params], full_by_stage[stage], 0.5, norm, what)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_pipeline_stage_meshes_of_eight_ranks(tmp_path):
