@@ -127,3 +127,27 @@ def test_compiled_value_clipping_matches_eager(backend):
         return torch.zeros(())
 
     _run_side_by_side(_Step(clip, compiled=True), _Step(clip, compiled=False))
+
+
+def test_compiled_skip_decisions_match_eager():
+    """SkipOnSpike.update compiles with fullgraph=True (no graph break, no host read), so a compiled
+    training step can keep it, and Inductor fuses its ~35 small ops. The decisions are eager's on a
+    sequence with spikes, a loss spike, Inf and NaN; the recorded windows and counters are copies and
+    sums of integers, so they are compared exactly. (The means and deviations are Inductor's own
+    reductions, not eager's bits: only decisions far from the threshold are compared, as here.)"""
+    from test_step import norm_sequence
+
+    torch._dynamo.reset()
+    norms = norm_sequence()
+    losses = [2.0 + 0.01 * (i % 7) for i in range(len(norms))]
+    losses[120] = 9.0
+    eager = fastclip.SkipOnSpike(window=32, min_history=16, norm_threshold=45.0)
+    compiled = fastclip.SkipOnSpike(window=32, min_history=16, norm_threshold=45.0)
+    update = torch.compile(compiled.update, fullgraph=True)
+    expected = [bool(eager.update(torch.tensor(n), torch.tensor(l))) for n, l in zip(norms, losses)]
+    got = [bool(update(torch.tensor(n), torch.tensor(l))) for n, l in zip(norms, losses)]
+    assert got == expected and sum(expected) >= 6, (sum(got), sum(expected))
+    for key, value in eager.state_dict().items():
+        other = compiled.state_dict()[key]
+        assert torch.equal(other, value) if isinstance(value, torch.Tensor) else other == value, key
+    torch._dynamo.reset()
