@@ -338,7 +338,6 @@ def record_served_backends(set_attribute) -> list[str]:
     return served
 
 
-
 @contextlib.contextmanager
 def gloo_worker(rank: int, world: int, init_file: str, timeout_s: float = 60.0):
     """A spawned worker's gloo process group: created on entry (file rendezvous, so no port to
