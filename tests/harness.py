@@ -199,6 +199,15 @@ def reference_norm(tensors: list[torch.Tensor], norm_type: float) -> float:
     return _exact_norm(per_tensor, norm_type)
 
 
+def ulp_scale(value: float, dtype: torch.dtype) -> float:
+    """eps * |value| in ``dtype``, but never below the spacing of its subnormals (eps * tiny): the
+    unit in which rounding errors at ``value`` are counted. Below the smallest normal number the
+    spacing of ``dtype`` stops shrinking, so a result rounded once to, e.g., fp32 near 1e-40 can be
+    off by up to half of 2^-149 (1.4e-45), far more than eps * 1e-40."""
+    info = torch.finfo(dtype)
+    return info.eps * max(abs(value), info.tiny)
+
+
 def assert_norm_error_bound(norm: torch.Tensor, torch_norm: torch.Tensor, tensors: list[torch.Tensor], norm_type: float) -> None:
     """E5: fastclip's norm has torch's dtype, and its error against :func:`reference_norm` is at
     most torch's own error, or 2 ulp of the accumulation dtype (fp64 if every tensor is fp64, else
@@ -211,8 +220,8 @@ def assert_norm_error_bound(norm: torch.Tensor, torch_norm: torch.Tensor, tensor
         )
         return
     all_fp64 = all(t.dtype == torch.float64 for t in tensors)
-    accumulation_eps = torch.finfo(torch.float64 if all_fp64 else torch.float32).eps
-    bound = max(abs(float(torch_norm) - truth), 2 * accumulation_eps * abs(truth))
+    accumulation = torch.float64 if all_fp64 else torch.float32
+    bound = max(abs(float(torch_norm) - truth), 2 * ulp_scale(truth, accumulation))
     assert abs(float(norm) - truth) <= bound, (
         f"[E5] norm {float(norm)!r}, reference {truth!r}, torch {float(torch_norm)!r}"
     )
