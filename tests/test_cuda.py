@@ -16,7 +16,8 @@ import torch
 import fastclip
 from conftest import require_backend
 from harness import check_clip
-from test_differential import CLIPPING, DTYPE_CASES, NOT_CLIPPING, NORM_TYPES, SHAPE_CASES, SPECIAL_VALUES, _specs
+from test_differential import (CLIPPING, DTYPE_CASES, NOT_CLIPPING, NORM_TYPES, P_NORMS_WITH_A_ROOT, SHAPE_CASES,
+                               SPECIAL_VALUES, _specs, check_fp64_p_norms_over_random_cases)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")]
 
@@ -54,6 +55,12 @@ def test_nan_and_inf_gradients_on_cuda(gpu_backend, dtype, value, norm_type, err
         gpu_backend, _specs("boundaries_1024", dtype), CLIPPING, norm_type, special_values=[(1, 700, value)],
         error_if_nonfinite=error_if_nonfinite, device="cuda",
     )
+
+
+@pytest.mark.parametrize("norm_type", P_NORMS_WITH_A_ROOT, ids=str)
+def test_fp64_p_norms_meet_e5_over_many_random_cases_on_cuda(gpu_backend, norm_type):
+    """The CPU test's 120 random fp64 cases on the GPU (the CUDA kernel sums these norms in double)."""
+    check_fp64_p_norms_over_random_cases(gpu_backend, norm_type, device="cuda")
 
 
 def _model_grads(seed: int) -> list[torch.nn.Parameter]:

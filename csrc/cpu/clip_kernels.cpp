@@ -94,6 +94,15 @@ inline void load8_pair_squares_into(const typename E::Storage* a, const typename
   }
 }
 
+// What a span's partial is added up in. A p-norm other than L1, L2 and inf is (sum |x|^p)^(1/p): the
+// root multiplies the sum's relative error by 1/p (2 for p = 0.5), so its partial sums, their
+// combination across chunks and tensors, and the root are in long double (x87's 64-bit mantissa on
+// x86; double where long double is double), and an fp64 norm is rounded once at the end. In double,
+// fp64 0.5-norms were 2-6 ulp off in ~4% of random cases, beyond E5's 2 ulp. Those norms take the
+// scalar pow path anyway, so the wider additions cost nothing measurable.
+template <NormKind K>
+using Partial = std::conditional_t<K == NormKind::kP, long double, double>;
+
 template <NormKind K>
 inline double combine(double a, double b) {
   return K == NormKind::kInf ? max_nan(a, b) : a + b;
@@ -121,8 +130,10 @@ constexpr int64_t kPrefetchBytes = 4096;
 // kScaled: every element is multiplied by `scale` (a power of two, so exactly) before it is
 // accumulated; the overflow-safe norm's second sweep over a chunk.
 // kPairs (see kSquarePairsInFloat): a step is 64 elements, lane j adding x[j]^2 + x[j + 32]^2.
+// A partial is returned in long double: for kP its tail and its lanes are added in long double (see
+// Partial); for the other kinds it holds a double exactly.
 template <Isa I, class E, NormKind K, bool kScaled, bool kPairs = kSquarePairsInFloat<E, K, kScaled>>
-inline double reduce_span(const typename E::Storage* x, int64_t n, double p, double scale) {
+inline long double reduce_span(const typename E::Storage* x, int64_t n, double p, double scale) {
   using V = AccumulatorVector<I>;
   constexpr int kWidth = sizeof(V) / sizeof(double);
   constexpr int kVectors = 4 * kLanes / kWidth;  // 32 accumulators, element j of a step in (j / width, j % width)
@@ -167,15 +178,23 @@ inline double reduce_span(const typename E::Storage* x, int64_t n, double p, dou
       }
     }
   }
-  double result = 0.0;
-  for (; i < n; ++i) result = accumulate<K>(result, static_cast<double>(E::load(x[i])) * (kScaled ? scale : 1.0), p);
+  Partial<K> result = 0.0;
+  for (; i < n; ++i) {
+    const double element = static_cast<double>(E::load(x[i])) * (kScaled ? scale : 1.0);
+    if constexpr (K == NormKind::kP) result += std::pow(std::abs(element), p);
+    else result = accumulate<K>(result, element, p);
+  }
   // Fewer elements than one step: every lane is still 0, and combining 0 into a partial (never
   // negative, or NaN) changes no bit; small tensors skip that loop over 32 lanes.
   if (n < kStep) return result;
   // A lane that reached inf has a NaN compensation (inf - inf): its sum is inf, and must stay so.
   for (int v = 0; v < kVectors; ++v)
-    for (int l = 0; l < kWidth; ++l)
-      result = combine<K>(result, std::isinf(lanes[v][l]) ? lanes[v][l] : lanes[v][l] + compensation[v][l]);
+    for (int l = 0; l < kWidth; ++l) {
+      if constexpr (K == NormKind::kP)
+        result += std::isinf(lanes[v][l]) ? lanes[v][l] : static_cast<long double>(lanes[v][l]) + compensation[v][l];
+      else
+        result = combine<K>(result, std::isinf(lanes[v][l]) ? lanes[v][l] : lanes[v][l] + compensation[v][l]);
+    }
   if constexpr (kPairs && std::is_same_v<E, simd::BF16>) {
     // A bf16 square below float's normal range (|x| < 2^-63) is rounded to a multiple of 2^-149,
     // so the pairs' sum is off by at most n * 2^-150: negligible (< 2^-26 relative) unless the
@@ -186,7 +205,7 @@ inline double reduce_span(const typename E::Storage* x, int64_t n, double p, dou
 }
 
 template <Isa I, class E, bool kScaled>
-inline double reduce_by_kind(const void* data, int64_t n, Norm norm, double scale) {
+inline long double reduce_by_kind(const void* data, int64_t n, Norm norm, double scale) {
   const auto* x = static_cast<const typename E::Storage*>(data);
   switch (norm.kind) {
     case NormKind::kL2: return reduce_span<I, E, NormKind::kL2, kScaled>(x, n, norm.p, scale);
@@ -199,7 +218,7 @@ inline double reduce_by_kind(const void* data, int64_t n, Norm norm, double scal
 
 // Reduces n elements of any dtype; scale == 1 is the plain (unscaled) loop.
 template <Isa I>
-inline double reduce_by_dtype(DType dtype, const void* x, int64_t n, Norm norm, double scale) {
+inline long double reduce_by_dtype(DType dtype, const void* x, int64_t n, Norm norm, double scale) {
   const bool scaled = scale != 1.0;
   switch (dtype) {
     case DType::kFloat32: return scaled ? reduce_by_kind<I, simd::F32, true>(x, n, norm, scale) : reduce_by_kind<I, simd::F32, false>(x, n, norm, scale);
@@ -233,17 +252,18 @@ inline void scale_by_dtype(DType dtype, void* x, int64_t n, double c) {
 }
 
 // One compiled copy of the hot loops per instruction set.
-FASTCLIP_TARGET_GENERIC double reduce_generic(DType d, const void* x, int64_t n, Norm norm, double s) { return reduce_by_dtype<Isa::kGeneric>(d, x, n, norm, s); }
+FASTCLIP_TARGET_GENERIC long double reduce_generic(DType d, const void* x, int64_t n, Norm norm, double s) { return reduce_by_dtype<Isa::kGeneric>(d, x, n, norm, s); }
 FASTCLIP_TARGET_GENERIC void scale_generic(DType d, void* x, int64_t n, double c) { scale_by_dtype<Isa::kGeneric>(d, x, n, c); }
 #if FASTCLIP_X86_VARIANTS
-FASTCLIP_TARGET_AVX2 double reduce_avx2(DType d, const void* x, int64_t n, Norm norm, double s) { return reduce_by_dtype<Isa::kAvx2>(d, x, n, norm, s); }
+FASTCLIP_TARGET_AVX2 long double reduce_avx2(DType d, const void* x, int64_t n, Norm norm, double s) { return reduce_by_dtype<Isa::kAvx2>(d, x, n, norm, s); }
 FASTCLIP_TARGET_AVX2 void scale_avx2(DType d, void* x, int64_t n, double c) { scale_by_dtype<Isa::kAvx2>(d, x, n, c); }
-FASTCLIP_TARGET_AVX512 double reduce_avx512(DType d, const void* x, int64_t n, Norm norm, double s) { return reduce_by_dtype<Isa::kAvx512>(d, x, n, norm, s); }
+FASTCLIP_TARGET_AVX512 long double reduce_avx512(DType d, const void* x, int64_t n, Norm norm, double s) { return reduce_by_dtype<Isa::kAvx512>(d, x, n, norm, s); }
 FASTCLIP_TARGET_AVX512 void scale_avx512(DType d, void* x, int64_t n, double c) { scale_by_dtype<Isa::kAvx512>(d, x, n, c); }
 #endif
 
-// The sum of |scale * x|^p (or the max of |x|) over n elements of x, with the active ISA.
-double reduce(DType dtype, const void* x, int64_t n, Norm norm, double scale = 1.0) {
+// The sum of |scale * x|^p (or the max of |x|) over n elements of x, with the active ISA; in long
+// double for kP (see Partial), a double otherwise.
+long double reduce(DType dtype, const void* x, int64_t n, Norm norm, double scale = 1.0) {
   switch (simd::active_isa()) {
 #if FASTCLIP_X86_VARIANTS
     case Isa::kAvx512: return reduce_avx512(dtype, x, n, norm, scale);
@@ -291,16 +311,25 @@ float round_to(DType dtype, float v) {
 // every term is non-negative, so torch's float sum overflows exactly when the whole sum exceeds
 // float's range, and fastclip gives torch's inf there (overflow-safe norms are an explicit option).
 // Tiny sums are kept: torch's float sum underflows to 0 where the double sum does not, which only
-// brings fastclip closer to the truth (E5). The root is taken in double or wider.
-double finish_norm(double accumulated, Norm norm, DType dtype) {
+// brings fastclip closer to the truth (E5). The root is taken in double or wider; `accumulated` is
+// a double but for kP (see Partial).
+double finish_norm(long double accumulated, Norm norm, DType dtype) {
   if (dtype != DType::kFloat64 && accumulated > std::numeric_limits<float>::max())
     accumulated = std::numeric_limits<double>::infinity();
-  double root = accumulated;
-  if (norm.kind == NormKind::kL2) root = std::sqrt(accumulated);
+  double root = static_cast<double>(accumulated);
+  if (norm.kind == NormKind::kL2) root = std::sqrt(root);
   // In long double (x87's 64-bit mantissa on x86): in double, 1/p itself is rounded, which costs
   // ~ln(sum) ulp of an fp64 result, more than E5's 2 ulp on large sums.
-  if (norm.kind == NormKind::kP) root = static_cast<double>(std::pow(static_cast<long double>(accumulated), 1.0L / norm.p));
+  if (norm.kind == NormKind::kP) root = static_cast<double>(std::pow(accumulated, 1.0L / norm.p));
   return dtype == DType::kFloat64 ? root : round_to(dtype, static_cast<float>(root));
+}
+
+// A tensor's running total plus one chunk's partial: the max for kInf; the sum in long double for
+// kP (see Partial); in double otherwise, where both are doubles.
+long double add_partial(long double total, long double partial, Norm norm) {
+  if (norm.kind == NormKind::kInf) return max_nan(static_cast<double>(total), static_cast<double>(partial));
+  if (norm.kind == NormKind::kP) return total + partial;
+  return static_cast<double>(total) + static_cast<double>(partial);
 }
 
 // torch's CPU norm of a one-element tensor is |x| for every p, with no power and root (so no
@@ -333,11 +362,11 @@ ScaledPartial scaled_partial(const TensorView& t, const Chunk& c, Norm norm) {
   const void* x = element_address(t, c.begin);
   const int64_t n = c.end - c.begin;
   // First sweep: the largest magnitude. The second sweep finds the chunk in cache (256 KiB at most).
-  const double largest = reduce(t.dtype, x, n, {NormKind::kInf, INFINITY});
+  const double largest = static_cast<double>(reduce(t.dtype, x, n, {NormKind::kInf, INFINITY}));
   if (norm.kind == NormKind::kInf || largest == 0.0) return {largest, kMinScaleExponent};
   if (!std::isfinite(largest)) return {largest, kNonFiniteExponent};  // inf or NaN: so is the norm
   const int exponent = std::clamp(std::ilogb(largest), kMinScaleExponent, kMaxScaleExponent);
-  return {reduce(t.dtype, x, n, norm, std::ldexp(1.0, -exponent)), exponent};
+  return {static_cast<double>(reduce(t.dtype, x, n, norm, std::ldexp(1.0, -exponent))), exponent};
 }
 
 // (2^shift)^p for shift <= 0: the factor that brings a partial to the common exponent. Exact for
@@ -378,7 +407,7 @@ void tensor_norms(const TensorView* tensors, int64_t count, Norm norm, const Par
                   double* norms_out) {
   std::vector<int64_t> first_chunk;
   const std::vector<Chunk> chunks = make_chunks(tensors, count, first_chunk);
-  std::vector<double> partials(chunks.size());
+  std::vector<long double> partials(chunks.size());
   parallel_for(0, static_cast<int64_t>(chunks.size()), grain_in_chunks(chunks), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const Chunk& c = chunks[i];
@@ -389,9 +418,8 @@ void tensor_norms(const TensorView* tensors, int64_t count, Norm norm, const Par
     }
   });
   for (int64_t t = 0; t < count; ++t) {
-    double accumulated = 0.0;
-    for (int64_t i = first_chunk[t]; i < first_chunk[t + 1]; ++i)
-      accumulated = norm.kind == NormKind::kInf ? max_nan(accumulated, partials[i]) : accumulated + partials[i];
+    long double accumulated = 0.0L;
+    for (int64_t i = first_chunk[t]; i < first_chunk[t + 1]; ++i) accumulated = add_partial(accumulated, partials[i], norm);
     norms_out[t] = tensors[t].numel == 1 ? single_element_norm(tensors[t]) : finish_norm(accumulated, norm, tensors[t].dtype);
   }
 }
@@ -399,11 +427,9 @@ void tensor_norms(const TensorView* tensors, int64_t count, Norm norm, const Par
 double span_norm(DType dtype, const void* x, int64_t n, Norm norm) {
   const TensorView span{const_cast<void*>(x), n, dtype};
   if (n == 1) return single_element_norm(span);
-  double accumulated = 0.0;
-  for (int64_t begin = 0; begin < n; begin += kChunkElements) {
-    const double partial = reduce(dtype, element_address(span, begin), std::min(kChunkElements, n - begin), norm);
-    accumulated = norm.kind == NormKind::kInf ? max_nan(accumulated, partial) : accumulated + partial;
-  }
+  long double accumulated = 0.0L;
+  for (int64_t begin = 0; begin < n; begin += kChunkElements)
+    accumulated = add_partial(accumulated, reduce(dtype, element_address(span, begin), std::min(kChunkElements, n - begin), norm), norm);
   return finish_norm(accumulated, norm, dtype);
 }
 
@@ -413,6 +439,12 @@ void span_scale(DType dtype, void* x, int64_t n, double coefficient) {
 
 double total_norm(const double* tensor_norms, int64_t count, Norm norm, DType total_dtype) {
   if (count == 1) return std::abs(tensor_norms[0]);  // as torch's CPU norm of one element, see above
+  if (norm.kind == NormKind::kP) {  // in long double, see Partial
+    long double powers = 0.0L;
+    for (int64_t t = 0; t < count; ++t)
+      powers += std::pow(static_cast<long double>(std::abs(tensor_norms[t])), static_cast<long double>(norm.p));
+    return finish_norm(powers, norm, total_dtype);
+  }
   double accumulated = 0.0;
   for (int64_t t = 0; t < count; ++t) {
     const double v = tensor_norms[t];
@@ -420,7 +452,7 @@ double total_norm(const double* tensor_norms, int64_t count, Norm norm, DType to
       case NormKind::kL2: accumulated += v * v; break;
       case NormKind::kL1: accumulated += std::abs(v); break;
       case NormKind::kInf: accumulated = max_nan(accumulated, std::abs(v)); break;
-      case NormKind::kP: accumulated += std::pow(std::abs(v), norm.p); break;
+      case NormKind::kP: break;  // above
     }
   }
   return finish_norm(accumulated, norm, total_dtype);
