@@ -155,3 +155,24 @@ def check_fp64_p_norms_over_random_cases(backend: str, norm_type: float, device:
 @pytest.mark.parametrize("norm_type", P_NORMS_WITH_A_ROOT, ids=str)
 def test_fp64_p_norms_meet_e5_over_many_random_cases(backend, norm_type):
     check_fp64_p_norms_over_random_cases(backend, norm_type)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_subnormal_gradients(backend, dtype):
+    """Gradients whose values, and so whose norms, are subnormal in their dtype: the inf norm is
+    torch's bit for bit (E2) and the L2 norm within E5, for one element and for many. The Triton
+    interpreter's float->bf16 cast garbled such totals (0 for 9.2e-41) until the total was written
+    as bits (found by a randomised fuzz run)."""
+    from harness import assert_norm_error_bound, assert_same
+
+    import fastclip
+
+    tiny = torch.finfo(dtype).tiny
+    for shape in [(), (5,), (3000,)]:
+        for scale in (0.01, 0.5):
+            grads = [torch.full(shape, tiny * scale, dtype=dtype), torch.full((3,), -tiny * scale / 3, dtype=dtype)]
+            what = f"{dtype}, shape {shape}, {scale} x tiny"
+            assert_same(fastclip.get_total_norm(grads, math.inf, backend=backend),
+                        torch.nn.utils.get_total_norm(grads, math.inf), f"[E2] {what}")
+            assert_norm_error_bound(fastclip.get_total_norm(grads, 2.0, backend=backend),
+                                    torch.nn.utils.get_total_norm(grads, 2.0), grads, 2.0)
