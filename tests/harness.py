@@ -89,7 +89,13 @@ def _strided_grad(spec: GradSpec, generator: torch.Generator) -> tuple[torch.Ten
         return buffer, buffer
     if spec.layout == "strided":
         wide = (*shape[:-1], 2 * shape[-1])
-        buffer = _values(spec, math.prod(wide), generator).to(spec.dtype).reshape(wide)
+        if spec.values == "dyadic":  # the view's own values must have the exact-square sum, not the buffer's
+            buffer = torch.empty(wide, dtype=torch.float64)
+            buffer[..., ::2] = _values(spec, math.prod(shape), generator).reshape(shape)
+            buffer[..., 1::2] = _values(spec, math.prod(shape), generator).reshape(shape)
+            buffer = buffer.to(spec.dtype)
+        else:
+            buffer = _values(spec, math.prod(wide), generator).to(spec.dtype).reshape(wide)
         return buffer[..., ::2], buffer
     if spec.layout == "transposed":
         flipped = tuple(reversed(shape))

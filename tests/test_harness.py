@@ -102,3 +102,17 @@ def test_harness_catches_wrong_coefficient_rounding(monkeypatch):
 def test_harness_accepts_the_right_backend(monkeypatch):
     monkeypatch.setitem(BACKENDS, "right", TorchBackend())
     check_clip("right", SPECS, 0.5, 2.0)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "transposed", "channels_last"])
+def test_dyadic_gradients_have_exact_square_sums(layout):
+    """E4 rests on it: every dyadic gradient's own sum of squares (not its buffer's) is the square of
+    a multiple of 1/8, for every layout. A strided gradient is half its buffer, whose sum once was
+    the square (a randomised fuzz run found torch and the cpp backend a float apart on one)."""
+    from harness import build
+
+    shape = (2, 3, 4, 5) if layout == "channels_last" else (1023,) if layout == "strided" else (7, 9)
+    for seed in range(50):
+        params, _ = build([GradSpec(shape, torch.float32, layout, "dyadic")], seed)
+        eighths_squared = round(math.fsum(float(v) ** 2 for v in params[0].grad.reshape(-1).tolist()) * 64)
+        assert math.isqrt(eighths_squared) ** 2 == eighths_squared, (seed, eighths_squared)
