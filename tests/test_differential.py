@@ -152,7 +152,7 @@ def check_fp64_p_norms_over_random_cases(backend: str, norm_type: float, device:
             raise AssertionError(f"case {case} ({[t.numel() for t in tensors]} elements): {e}") from e
 
 
-@pytest.mark.parametrize("norm_type", P_NORMS_WITH_A_ROOT, ids=str)
+@pytest.mark.parametrize("norm_type", [1.0, 2.0] + P_NORMS_WITH_A_ROOT, ids=str)
 def test_fp64_p_norms_meet_e5_over_many_random_cases(backend, norm_type):
     check_fp64_p_norms_over_random_cases(backend, norm_type)
 

@@ -63,6 +63,12 @@ CASES = {
     # A norm below fp32's smallest normal (1.2e-38): rounded once, it is off by up to half of the
     # subnormal spacing (2^-149), which the bound counts in (harness.ulp_scale; found by the fuzzer).
     "fp32 subnormal norm": [(3, torch.float32, 1e-40), (2, torch.float32, 3e-41)],
+    # An all-zero gradient once set the common exponent (frexp(0) is 0) in the torch backend, and
+    # the root of a sum near 2^-300 cost ~17 ulp (found by the fuzzer).
+    "tiny norm next to an all-zero gradient": [(1, torch.float64, 1e-30), (4, torch.float32, 0.0)],
+    # The layout of a fuzzer case whose fp64 L1 sum the 32 lanes' combination in double left 2.4 ulp
+    # off (these values passed before too; test_differential's random fp64 cases cover it).
+    "fp64 1e30 next to fp32 near 1": [(1, torch.float32, 1.0), (1023, torch.float32, 1.0), (1023, torch.float64, 1e30)],
 }
 
 

@@ -94,14 +94,18 @@ inline void load8_pair_squares_into(const typename E::Storage* a, const typename
   }
 }
 
-// What a span's partial is added up in. A p-norm other than L1, L2 and inf is (sum |x|^p)^(1/p): the
-// root multiplies the sum's relative error by 1/p (2 for p = 0.5), so its partial sums, their
-// combination across chunks and tensors, and the root are in long double (x87's 64-bit mantissa on
-// x86; double where long double is double), and an fp64 norm is rounded once at the end. In double,
-// fp64 0.5-norms were 2-6 ulp off in ~4% of random cases, beyond E5's 2 ulp. Those norms take the
-// scalar pow path anyway, so the wider additions cost nothing measurable.
-template <NormKind K>
-using Partial = std::conditional_t<K == NormKind::kP, long double, double>;
+// What a span's lanes and tail are combined in: long double (x87's 64-bit mantissa on x86; double
+// where long double is double) for the sums of fp64 elements and for p-norms other than L1 and
+// L2, so that no double rounding comes before the norm is rounded to its dtype (the chunks of a
+// tensor, the tensors and the root are combined in long double too). For fp64 gradients those
+// roundings were the error: the 32 lane sums added in double left fp64 L1 and L2 norms up to 2.4
+// ulp off (E5 allows 2), and a p-norm's root multiplies the sum's relative error by 1/p (fp64
+// 0.5-norms were 2-6 ulp off in ~4% of random cases). Narrower dtypes keep double (their ulps are
+// 2^29 times larger): the x87 additions cost ~20 ns a span, +35% on 10,000 small fp32 gradients.
+// The lanes themselves stay double, with their compensated block sums. The max of kInf is exact.
+template <class E, NormKind K>
+using Partial = std::conditional_t<K != NormKind::kInf && (std::is_same_v<E, simd::F64> || K == NormKind::kP),
+                                   long double, double>;
 
 template <NormKind K>
 inline double combine(double a, double b) {
@@ -130,8 +134,7 @@ constexpr int64_t kPrefetchBytes = 4096;
 // kScaled: every element is multiplied by `scale` (a power of two, so exactly) before it is
 // accumulated; the overflow-safe norm's second sweep over a chunk.
 // kPairs (see kSquarePairsInFloat): a step is 64 elements, lane j adding x[j]^2 + x[j + 32]^2.
-// A partial is returned in long double: for kP its tail and its lanes are added in long double (see
-// Partial); for the other kinds it holds a double exactly.
+// A partial is returned in long double (see Partial); kInf's holds a double exactly.
 template <Isa I, class E, NormKind K, bool kScaled, bool kPairs = kSquarePairsInFloat<E, K, kScaled>>
 inline long double reduce_span(const typename E::Storage* x, int64_t n, double p, double scale) {
   using V = AccumulatorVector<I>;
@@ -178,11 +181,11 @@ inline long double reduce_span(const typename E::Storage* x, int64_t n, double p
       }
     }
   }
-  Partial<K> result = 0.0;
+  Partial<E, K> result = 0.0;
   for (; i < n; ++i) {
     const double element = static_cast<double>(E::load(x[i])) * (kScaled ? scale : 1.0);
-    if constexpr (K == NormKind::kP) result += std::pow(std::abs(element), p);
-    else result = accumulate<K>(result, element, p);
+    if constexpr (K == NormKind::kInf) result = accumulate<K>(result, element, p);
+    else result += accumulate<K>(0.0, element, p);  // the element's term, rounded to double as in the lanes
   }
   // Fewer elements than one step: every lane is still 0, and combining 0 into a partial (never
   // negative, or NaN) changes no bit; small tensors skip that loop over 32 lanes.
@@ -190,10 +193,10 @@ inline long double reduce_span(const typename E::Storage* x, int64_t n, double p
   // A lane that reached inf has a NaN compensation (inf - inf): its sum is inf, and must stay so.
   for (int v = 0; v < kVectors; ++v)
     for (int l = 0; l < kWidth; ++l) {
-      if constexpr (K == NormKind::kP)
-        result += std::isinf(lanes[v][l]) ? lanes[v][l] : static_cast<long double>(lanes[v][l]) + compensation[v][l];
+      if constexpr (K == NormKind::kInf)
+        result = combine<K>(result, lanes[v][l]);
       else
-        result = combine<K>(result, std::isinf(lanes[v][l]) ? lanes[v][l] : lanes[v][l] + compensation[v][l]);
+        result += std::isinf(lanes[v][l]) ? lanes[v][l] : static_cast<Partial<E, K>>(lanes[v][l]) + compensation[v][l];
     }
   if constexpr (kPairs && std::is_same_v<E, simd::BF16>) {
     // A bf16 square below float's normal range (|x| < 2^-63) is rounded to a multiple of 2^-149,
@@ -261,8 +264,8 @@ FASTCLIP_TARGET_AVX512 long double reduce_avx512(DType d, const void* x, int64_t
 FASTCLIP_TARGET_AVX512 void scale_avx512(DType d, void* x, int64_t n, double c) { scale_by_dtype<Isa::kAvx512>(d, x, n, c); }
 #endif
 
-// The sum of |scale * x|^p (or the max of |x|) over n elements of x, with the active ISA; in long
-// double for kP (see Partial), a double otherwise.
+// The sum of |scale * x|^p (or the max of |x|) over n elements of x, with the active ISA, in long
+// double (see Partial).
 long double reduce(DType dtype, const void* x, int64_t n, Norm norm, double scale = 1.0) {
   switch (simd::active_isa()) {
 #if FASTCLIP_X86_VARIANTS
@@ -311,25 +314,23 @@ float round_to(DType dtype, float v) {
 // every term is non-negative, so torch's float sum overflows exactly when the whole sum exceeds
 // float's range, and fastclip gives torch's inf there (overflow-safe norms are an explicit option).
 // Tiny sums are kept: torch's float sum underflows to 0 where the double sum does not, which only
-// brings fastclip closer to the truth (E5). The root is taken in double or wider; `accumulated` is
-// a double but for kP (see Partial).
+// brings fastclip closer to the truth (E5). The root is taken in long double (see Partial).
 double finish_norm(long double accumulated, Norm norm, DType dtype) {
   if (dtype != DType::kFloat64 && accumulated > std::numeric_limits<float>::max())
     accumulated = std::numeric_limits<double>::infinity();
   double root = static_cast<double>(accumulated);
-  if (norm.kind == NormKind::kL2) root = std::sqrt(root);
+  if (norm.kind == NormKind::kL2) root = static_cast<double>(std::sqrt(accumulated));
   // In long double (x87's 64-bit mantissa on x86): in double, 1/p itself is rounded, which costs
   // ~ln(sum) ulp of an fp64 result, more than E5's 2 ulp on large sums.
   if (norm.kind == NormKind::kP) root = static_cast<double>(std::pow(accumulated, 1.0L / norm.p));
   return dtype == DType::kFloat64 ? root : round_to(dtype, static_cast<float>(root));
 }
 
-// A tensor's running total plus one chunk's partial: the max for kInf; the sum in long double for
-// kP (see Partial); in double otherwise, where both are doubles.
+// A tensor's running total plus one chunk's partial: the max for kInf, else the sum in long double
+// (see Partial).
 long double add_partial(long double total, long double partial, Norm norm) {
   if (norm.kind == NormKind::kInf) return max_nan(static_cast<double>(total), static_cast<double>(partial));
-  if (norm.kind == NormKind::kP) return total + partial;
-  return static_cast<double>(total) + static_cast<double>(partial);
+  return total + partial;
 }
 
 // torch's CPU norm of a one-element tensor is |x| for every p, with no power and root (so no
@@ -350,7 +351,7 @@ double single_element_norm(const TensorView& t) {
 // not negligible next to the largest) cannot underflow. A non-finite chunk gets an exponent above
 // every finite one, so that inf and NaN survive the combination.
 struct ScaledPartial {
-  double sum;
+  long double sum;  // see Partial
   int exponent;
 };
 
@@ -366,7 +367,7 @@ ScaledPartial scaled_partial(const TensorView& t, const Chunk& c, Norm norm) {
   if (norm.kind == NormKind::kInf || largest == 0.0) return {largest, kMinScaleExponent};
   if (!std::isfinite(largest)) return {largest, kNonFiniteExponent};  // inf or NaN: so is the norm
   const int exponent = std::clamp(std::ilogb(largest), kMinScaleExponent, kMaxScaleExponent);
-  return {static_cast<double>(reduce(t.dtype, x, n, norm, std::ldexp(1.0, -exponent))), exponent};
+  return {reduce(t.dtype, x, n, norm, std::ldexp(1.0, -exponent)), exponent};
 }
 
 // (2^shift)^p for shift <= 0: the factor that brings a partial to the common exponent. Exact for
@@ -390,7 +391,7 @@ double overflow_safe_norm(const TensorView* tensors, int64_t count, Norm norm, c
   });
   if (norm.kind == NormKind::kInf) {
     double largest = 0.0;
-    for (const ScaledPartial& partial : partials) largest = max_nan(largest, partial.sum);
+    for (const ScaledPartial& partial : partials) largest = max_nan(largest, static_cast<double>(partial.sum));
     return largest;
   }
   int top = kMinScaleExponent;
@@ -398,7 +399,7 @@ double overflow_safe_norm(const TensorView* tensors, int64_t count, Norm norm, c
   long double sum = 0.0L;  // in chunk order, like every other sum here; rounded once, below
   for (const ScaledPartial& partial : partials) sum += partial.sum * exponent_weight(partial.exponent - top, norm);
   double root = static_cast<double>(sum);
-  if (norm.kind == NormKind::kL2) root = std::sqrt(root);
+  if (norm.kind == NormKind::kL2) root = static_cast<double>(std::sqrt(sum));
   if (norm.kind == NormKind::kP) root = static_cast<double>(std::pow(sum, 1.0L / norm.p));
   return std::ldexp(root, top);
 }
@@ -439,20 +440,19 @@ void span_scale(DType dtype, void* x, int64_t n, double coefficient) {
 
 double total_norm(const double* tensor_norms, int64_t count, Norm norm, DType total_dtype) {
   if (count == 1) return std::abs(tensor_norms[0]);  // as torch's CPU norm of one element, see above
-  if (norm.kind == NormKind::kP) {  // in long double, see Partial
-    long double powers = 0.0L;
-    for (int64_t t = 0; t < count; ++t)
-      powers += std::pow(static_cast<long double>(std::abs(tensor_norms[t])), static_cast<long double>(norm.p));
-    return finish_norm(powers, norm, total_dtype);
+  if (norm.kind == NormKind::kInf) {
+    double largest = 0.0;
+    for (int64_t t = 0; t < count; ++t) largest = max_nan(largest, std::abs(tensor_norms[t]));
+    return finish_norm(largest, norm, total_dtype);
   }
-  double accumulated = 0.0;
+  long double accumulated = 0.0L;  // see Partial
   for (int64_t t = 0; t < count; ++t) {
-    const double v = tensor_norms[t];
+    const long double v = std::abs(tensor_norms[t]);
     switch (norm.kind) {
       case NormKind::kL2: accumulated += v * v; break;
-      case NormKind::kL1: accumulated += std::abs(v); break;
-      case NormKind::kInf: accumulated = max_nan(accumulated, std::abs(v)); break;
-      case NormKind::kP: break;  // above
+      case NormKind::kL1: accumulated += v; break;
+      case NormKind::kP: accumulated += std::pow(v, static_cast<long double>(norm.p)); break;
+      case NormKind::kInf: break;  // above
     }
   }
   return finish_norm(accumulated, norm, total_dtype);

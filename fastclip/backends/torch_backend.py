@@ -90,8 +90,12 @@ def overflow_safe_total_norm(tensors: list[torch.Tensor], norm_type: float) -> t
         largest = torch.linalg.vector_norm(t, math.inf).double()
         exponent = torch.frexp(largest).exponent - 1  # largest in [2^exponent, 2^(exponent + 1))
         # inf and NaN (and so the norm) must survive the combination: give them the largest exponent.
+        # An all-zero tensor adds nothing and gets the smallest (frexp(0) says 0): with its exponent
+        # as the top, a tiny norm's root was taken of a sum near 2^-300, where the rounded 1/p cost
+        # ~17 ulp (as the fused kernels do, scaled_partial).
         exponent = torch.where(largest.isfinite(), exponent.clamp(_MIN_SCALE_EXPONENT, _MAX_SCALE_EXPONENT),
                                _MAX_SCALE_EXPONENT)
+        exponent = torch.where(largest == 0, _MIN_SCALE_EXPONENT, exponent)
         powers = t.to(torch.float64, copy=True).mul_(torch.ldexp(torch.ones_like(largest), -exponent)).abs_()
         sums.append((powers if norm_type == 1.0 else powers.pow_(norm_type)).sum().to(device))
         exponents.append(exponent.to(device))
