@@ -35,7 +35,6 @@ import triton.language as tl
 from .elements import (
     DTYPE_TAGS,
     aligned_block_pointer,
-    f32_to_bf16_bits,
     float_bits,
     load_block_math,
     load_math,
@@ -285,10 +284,8 @@ def _finalize_total(tensors_ptr, tensor_norms_ptr, total_ptr, coefficient_ptr, n
         total = tl.abs(tl.load(tensor_norms_ptr, cache_modifier=".cg")).to(total.dtype)
     if TOTAL_DTYPE != 3:
         total = round_f32_to(total, TOTAL_DTYPE)
-    if TOTAL_DTYPE == 2:  # written as bits, like store_math: the interpreter's float->bf16 cast garbles subnormals
-        tl.store(total_ptr.to(tl.pointer_type(tl.uint16)), f32_to_bf16_bits(total))
-    else:
-        tl.store(total_ptr, total.to(total_ptr.dtype.element_ty))
+    # store_math writes bf16 as bits: the interpreter's float->bf16 cast garbles subnormals
+    store_math(total_ptr, 0, True, total, TOTAL_DTYPE)
     tl.store(coefficient_ptr, clip_coefficient(total, max_norm, TOTAL_DTYPE))
 
 
