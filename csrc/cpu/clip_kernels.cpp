@@ -121,6 +121,24 @@ inline void zero(V (&vectors)[N]) {
   for (int i = 0; i < N; ++i) vectors[i] = V{};
 }
 
+// The sum of 32 lanes (each plus its compensation, except a lane that reached inf, whose
+// compensation is NaN: inf - inf), added pairwise: lane j + lane j + 16, then j + 8, 4, 2, 1. The
+// same additions whatever the vector width, so the bits do not depend on the ISA; five dependent
+// vector additions instead of 32 scalar ones in a chain, which were ~50 ns of every small
+// tensor's reduction (a third of the time of a 400-element fp32 gradient in cache).
+template <class V, int N>
+inline double sum_of_lanes(const V (&lanes)[N], const V (&compensation)[N]) {
+  constexpr int kWidth = sizeof(V) / sizeof(double);
+  alignas(64) double terms[N * kWidth];
+  for (int v = 0; v < N; ++v)
+    for (int l = 0; l < kWidth; ++l)
+      terms[v * kWidth + l] = std::isinf(lanes[v][l]) ? lanes[v][l] : lanes[v][l] + compensation[v][l];
+#pragma GCC unroll 8
+  for (int half = N * kWidth / 2; half >= 1; half /= 2)
+    for (int j = 0; j < half; ++j) terms[j] += terms[j + half];
+  return terms[0];
+}
+
 // How far ahead of the loads the reduction prefetches. Without it a core streams from DRAM at
 // ~60% of its bandwidth: the conversions to double leave too few cache lines in flight.
 constexpr int64_t kPrefetchBytes = 4096;
@@ -190,14 +208,18 @@ inline long double reduce_span(const typename E::Storage* x, int64_t n, double p
   // Fewer elements than one step: every lane is still 0, and combining 0 into a partial (never
   // negative, or NaN) changes no bit; small tensors skip that loop over 32 lanes.
   if (n < kStep) return result;
-  // A lane that reached inf has a NaN compensation (inf - inf): its sum is inf, and must stay so.
-  for (int v = 0; v < kVectors; ++v)
-    for (int l = 0; l < kWidth; ++l) {
-      if constexpr (K == NormKind::kInf)
-        result = combine<K>(result, lanes[v][l]);
-      else
-        result += std::isinf(lanes[v][l]) ? lanes[v][l] : static_cast<Partial<E, K>>(lanes[v][l]) + compensation[v][l];
-    }
+  if constexpr (std::is_same_v<Partial<E, K>, double> && K != NormKind::kInf) {
+    result += sum_of_lanes(lanes, compensation);
+  } else {
+    // A lane that reached inf has a NaN compensation (inf - inf): its sum is inf, and must stay so.
+    for (int v = 0; v < kVectors; ++v)
+      for (int l = 0; l < kWidth; ++l) {
+        if constexpr (K == NormKind::kInf)
+          result = combine<K>(result, lanes[v][l]);
+        else
+          result += std::isinf(lanes[v][l]) ? lanes[v][l] : static_cast<Partial<E, K>>(lanes[v][l]) + compensation[v][l];
+      }
+  }
   if constexpr (kPairs && std::is_same_v<E, simd::BF16>) {
     // A bf16 square below float's normal range (|x| < 2^-63) is rounded to a multiple of 2^-149,
     // so the pairs' sum is off by at most n * 2^-150: negligible (< 2^-26 relative) unless the
