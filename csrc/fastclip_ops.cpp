@@ -63,11 +63,16 @@ at::Tensor overflow_safe_total(const KernelTensors& kernel_tensors, Norm norm, a
 
 // torch's norm (per-tensor norms rounded to their dtypes, then the norm of those) and the scaling;
 // the per-tensor norms also go to tensor_norms_out (one double per gradient) if it is not null.
+cpu::ClipResult clip_with_torch_norms(const std::vector<cpu::TensorView>& views, at::ScalarType total_type,
+                                      double max_norm, Norm norm, double* tensor_norms_out) {
+  return cpu::clip(views.data(), static_cast<int64_t>(views.size()), norm, kernel_dtype(total_type), max_norm,
+                   aten_parallel_for(), tensor_norms_out);
+}
+
 at::Tensor clip_with_torch_norms(at::TensorList grads, double max_norm, Norm norm, double* tensor_norms_out) {
   const at::ScalarType total_type = total_norm_type(grads);
   KernelTensors kernel_tensors(grads, total_type);
-  const cpu::ClipResult result = cpu::clip(kernel_tensors.views.data(), kernel_tensors.views.size(), norm,
-                                           kernel_dtype(total_type), max_norm, aten_parallel_for(), tensor_norms_out);
+  const cpu::ClipResult result = clip_with_torch_norms(kernel_tensors.views, total_type, max_norm, norm, tensor_norms_out);
   if (result.coefficient != 1.0) kernel_tensors.write_back();
   return at::scalar_tensor(result.total_norm, at::TensorOptions().dtype(total_type));
 }
@@ -117,6 +122,12 @@ at::Tensor clip_cpu(at::TensorList grads, double max_norm, double norm_type, boo
     return total;
   }
   return clip_with_torch_norms(grads, max_norm, norm, nullptr);
+}
+
+at::Tensor clip_views_cpu(const std::vector<cpu::TensorView>& views, at::ScalarType total_type, double max_norm,
+                          double norm_type) {
+  const cpu::ClipResult result = clip_with_torch_norms(views, total_type, max_norm, kernel_norm(norm_type), nullptr);
+  return at::scalar_tensor(result.total_norm, at::TensorOptions().dtype(total_type));
 }
 
 std::tuple<at::Tensor, at::Tensor> clip_with_tensor_norms_cpu(at::TensorList grads, double max_norm, double norm_type) {

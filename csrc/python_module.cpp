@@ -11,8 +11,10 @@
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
+#include "cpu/clip_kernels.h"
 #include "op_helpers.h"
 
 namespace {
@@ -31,17 +33,53 @@ MemoryExtent extent_of(const at::Tensor& t, Py_ssize_t index) {
   return {begin, begin + static_cast<uintptr_t>((last + 1) * t.element_size()), index};
 }
 
+// Sorts extents by their first byte. Gradients come mostly in address order, or in its reverse
+// (backward allocates them from the last layer to the first), with jumps where the allocator reused
+// memory (10,000 gradients of 1.6 KB: 72 ascending runs; allocated in reverse: 38 descending ones):
+// a natural merge sort takes those runs as they are (descending ones reversed) and merges them
+// pairwise, n log(runs) moves: 10,000 one-element gradients, 2,056 runs, 0.16 ms with std::sort,
+// 0.055 ms so (AMD EPYC).
+void sort_by_address(std::vector<MemoryExtent>& extents) {
+  const auto by_address = [](const MemoryExtent& a, const MemoryExtent& b) { return a.begin < b.begin; };
+  const size_t n = extents.size();
+  std::vector<size_t> bounds{0};  // run r is [bounds[r], bounds[r + 1])
+  for (size_t i = 0; i < n;) {
+    size_t j = i + 1;
+    if (j < n && by_address(extents[j], extents[i])) {
+      while (j < n && by_address(extents[j], extents[j - 1])) ++j;
+      std::reverse(extents.begin() + i, extents.begin() + j);
+    } else {
+      while (j < n && !by_address(extents[j], extents[j - 1])) ++j;
+    }
+    bounds.push_back(j);
+    i = j;
+  }
+  if (bounds.size() <= 2) return;  // one run
+  std::vector<MemoryExtent> merged(n);
+  while (bounds.size() > 2) {
+    std::vector<size_t> merged_bounds{0};
+    size_t r = 0;
+    for (; r + 2 < bounds.size(); r += 2) {  // runs r and r + 1
+      std::merge(extents.begin() + bounds[r], extents.begin() + bounds[r + 1], extents.begin() + bounds[r + 1],
+                 extents.begin() + bounds[r + 2], merged.begin() + bounds[r], by_address);
+      merged_bounds.push_back(bounds[r + 2]);
+    }
+    if (r + 1 < bounds.size()) {  // an odd run out
+      std::copy(extents.begin() + bounds[r], extents.end(), merged.begin() + bounds[r]);
+      merged_bounds.push_back(n);
+    }
+    extents.swap(merged);
+    bounds.swap(merged_bounds);
+  }
+}
+
 // The first pair of tensors (in list order) that share elements, or (-1, -1). Extents are sorted
 // and each compared with the one reaching furthest before it; where extents meet, ATen decides
 // whether elements are shared (two interleaved strided views share none; "too hard" counts as no).
 // tensor(i) is the tensor of index i.
 template <class TensorAt>
 std::pair<Py_ssize_t, Py_ssize_t> first_shared_memory(std::vector<MemoryExtent>& extents, TensorAt tensor) {
-  // Gradients usually come in address order, or in its reverse (backward allocates them from the
-  // last layer to the first): checking that is one pass, where sorting 10,000 extents cost ~0.1 ms.
-  const auto by_address = [](const MemoryExtent& a, const MemoryExtent& b) { return a.begin < b.begin; };
-  if (std::is_sorted(extents.rbegin(), extents.rend(), by_address)) std::reverse(extents.begin(), extents.end());
-  else if (!std::is_sorted(extents.begin(), extents.end(), by_address)) std::sort(extents.begin(), extents.end(), by_address);
+  sort_by_address(extents);
   const MemoryExtent* furthest = nullptr;
   for (const MemoryExtent& e : extents) {
     if (furthest != nullptr && e.begin < furthest->end) {
@@ -278,12 +316,65 @@ class ChainPrefetcher {
   c10::TensorImpl* grads_[kRing] = {};
 };
 
+// Whether the fused kernels have a loop for this dtype.
+bool has_kernel_dtype(at::ScalarType type) {
+  return type == at::kFloat || type == at::kBFloat16 || type == at::kHalf || type == at::kDouble;
+}
+
+// The CPU kernels' views of gradients, built as GradientsOf takes them, for the common case: every
+// gradient dense (contiguous or a permutation of it) on the CPU in a float dtype, none sharing
+// memory with another. Then nothing walks the gradients again before the kernels: served_here's
+// checks, the promotion of their dtypes and the operator's table (KernelTensors) each did, 0.34 ms
+// together on 10,000 gradients of 1.6 KB (AMD EPYC), against ~0.15 ms for this table. Anything
+// else (another device or layout, a copy to make, shared memory) sets `usable` false and the
+// general checks decide, as before; they give the same views for the gradients accepted here.
+struct DenseCpuViews {
+  std::vector<fastclip::cpu::TensorView> views;
+  std::vector<MemoryExtent> extents;  // of the non-empty gradients, by index into the taken list
+  at::ScalarType total_type = at::ScalarType::Undefined;  // torch's total norm's: the dtypes' promotion
+  bool usable = true;
+  bool any_empty = false;
+
+  // The next gradient, index `index` of the taken list.
+  void add(const at::Tensor& g, Py_ssize_t index) {
+    if (!usable) return;
+    const at::ScalarType type = g.scalar_type();
+    if (!g.is_cpu() || g.layout() != at::kStrided || !g.has_storage() || !has_kernel_dtype(type) ||
+        !g.is_non_overlapping_and_dense()) {
+      usable = false;
+      return;
+    }
+    total_type = views.empty() ? type : c10::promoteTypes(total_type, type);
+    const int64_t numel = g.numel();
+    // A 0-dim gradient scales in double when the coefficient is fp64 (KernelTensors): which is known
+    // only after the last dtype, so 0-dim is noted here and resolved in ready().
+    views.push_back({g.data_ptr(), numel, fastclip::kernel_dtype(type), g.dim() == 0});
+    if (numel == 0) {
+      any_empty = true;
+    } else {
+      const auto begin = reinterpret_cast<uintptr_t>(views.back().data);
+      extents.push_back({begin, begin + static_cast<uintptr_t>(numel * g.element_size()), index});
+    }
+  }
+
+  // Whether the views serve clip_ with this norm type (not overflow-safe): the inf norm of an empty
+  // gradient is an error, which the general path raises. `tensor(i)` is the taken gradient i.
+  template <class TensorAt>
+  bool ready(double norm_type, TensorAt tensor) {
+    if (!usable || views.empty() || (std::isinf(norm_type) && any_empty)) return false;
+    if (first_shared_memory(extents, tensor).first >= 0) return false;
+    for (fastclip::cpu::TensorView& view : views) view.scale_in_double = view.scale_in_double && total_type == at::kDouble;
+    return true;
+  }
+};
+
 // The gradients of a list of parameters, as torch's [p.grad for p in parameters if p.grad is not
 // None] takes them, each held by a reference to its Python object (made, as reading p.grad in Python
 // makes it, if the gradient has none yet) and borrowed as an at::Tensor.
 struct GradientsOf {
   BorrowedTensors borrowed;  // declared first: released last, after the references below
   std::vector<PyObject*> objects;
+  DenseCpuViews dense_cpu;  // the kernels' views, if they serve these gradients (see DenseCpuViews)
 
   GradientsOf() = default;
   GradientsOf(const GradientsOf&) = delete;
@@ -297,6 +388,8 @@ struct GradientsOf {
   bool take(PyObject* parameters) {
     const Py_ssize_t size = PyList_GET_SIZE(parameters);
     objects.reserve(size);
+    dense_cpu.views.reserve(size);
+    dense_cpu.extents.reserve(size);
     borrowed.tensors.reserve(size);
     ChainPrefetcher prefetcher(parameters);
     for (Py_ssize_t i = 0; i < size; ++i) {
@@ -311,6 +404,7 @@ struct GradientsOf {
       if (object == nullptr) throw python_error();
       objects.push_back(object);
       if (!THPVariable_CheckExact(object)) return false;
+      dense_cpu.add(grad, static_cast<Py_ssize_t>(borrowed.tensors.size()));
       borrowed.tensors.emplace_back(c10::intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>::reclaim(
           THPVariable_Unpack(object).unsafeGetTensorImpl()));
     }
@@ -331,9 +425,7 @@ bool served_here(const std::vector<at::Tensor>& grads, bool overflow_safe) {
   for (size_t i = 0; i < grads.size(); ++i) {
     const at::Tensor& g = grads[i];
     const at::ScalarType type = g.scalar_type();
-    if (g.device() != device || g.layout() != at::kStrided || !g.has_storage() ||
-        !(type == at::kFloat || type == at::kBFloat16 || type == at::kHalf || type == at::kDouble))
-      return false;
+    if (g.device() != device || g.layout() != at::kStrided || !g.has_storage() || !has_kernel_dtype(type)) return false;
     if (!g.is_contiguous() && at::has_internal_overlap(g) == at::MemOverlap::Yes) return false;
     if (g.numel() > 0) extents.push_back(extent_of(g, static_cast<Py_ssize_t>(i)));
   }
@@ -358,7 +450,14 @@ PyObject* clip_parameters(PyObject* /*module*/, PyObject* const* args, Py_ssize_
   const bool overflow_safe = PyObject_IsTrue(args[3]) == 1;
   if (!PyList_Check(args[0]) || !(norm_type > 0)) Py_RETURN_NOTIMPLEMENTED;  // p <= 0 and NaN: no kernel
   GradientsOf grads;
-  if (!grads.take(args[0]) || !served_here(grads.borrowed.tensors, overflow_safe)) Py_RETURN_NOTIMPLEMENTED;
+  if (!grads.take(args[0])) Py_RETURN_NOTIMPLEMENTED;
+  const auto taken = [&grads](Py_ssize_t i) -> const at::Tensor& { return grads.borrowed.tensors[i]; };
+  if (!overflow_safe && grads.dense_cpu.ready(norm_type, taken)) {
+    const DenseCpuViews& dense = grads.dense_cpu;
+    at::Tensor total = without_gil([&] { return fastclip::clip_views_cpu(dense.views, dense.total_type, max_norm, norm_type); });
+    return THPVariable_Wrap(std::move(total));
+  }
+  if (!served_here(grads.borrowed.tensors, overflow_safe)) Py_RETURN_NOTIMPLEMENTED;
   const auto clip = grads.borrowed.tensors[0].is_cpu() ? &fastclip::clip_cpu : fastclip::cuda_functions().clip;
   at::Tensor total = without_gil([&] { return clip(grads.borrowed.tensors, max_norm, norm_type, overflow_safe); });
   return THPVariable_Wrap(std::move(total));

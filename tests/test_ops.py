@@ -317,3 +317,104 @@ def test_clip_parameters_takes_gradients_made_by_backward_and_changes_no_referen
     for _ in range(100):
         direct.clip_parameters(params, 1e9, 2.0, False)
     assert [(sys.getrefcount(p), sys.getrefcount(p.grad)) for p in params] == counts
+
+
+def _dense_table_cases():
+    """Gradient lists for clip_parameters' one-walk table (DenseCpuViews) and for what it must hand
+    back to the general checks: {name: (make gradients, norm types)}."""
+
+    def mixed_dtypes():
+        g = torch.Generator().manual_seed(2)
+        return [torch.randn(37, generator=g).to(d) for d in (torch.bfloat16, torch.float32, torch.float16, torch.float64)]
+
+    def zero_dim():  # 0-dim fp32 gradients next to an fp64 one scale in double (as torch's 0-dim * 0-dim)
+        g = torch.Generator().manual_seed(12)
+        return [torch.randn((), generator=g) for _ in range(20)] + [torch.randn(2, generator=g, dtype=torch.float64)]
+
+    def zero_dim_fp32():  # ... and in float next to fp32 ones
+        g = torch.Generator().manual_seed(3)
+        return [torch.randn((), generator=g) for _ in range(20)] + [torch.randn(9, generator=g)]
+
+    def permuted():  # dense, not contiguous: used in place
+        g = torch.Generator().manual_seed(4)
+        return [torch.randn(6, 5, generator=g).t(), torch.randn(2, 3, 4, generator=g).permute(2, 0, 1)]
+
+    def strided():  # neither: copied, scaled and written back by the general path
+        g = torch.Generator().manual_seed(5)
+        return [torch.randn(6, 8, generator=g)[:, ::2], torch.randn(7, generator=g)]
+
+    def with_empty():
+        g = torch.Generator().manual_seed(6)
+        return [torch.randn(5, generator=g), torch.ones(0), torch.randn(3, 0), torch.randn(4, generator=g)]
+
+    def slices_in_shuffled_order():  # 300 disjoint slices of one buffer, in an order with no runs
+        buffer = torch.randn(300 * 7, generator=torch.Generator().manual_seed(7))
+        order = torch.randperm(300, generator=torch.Generator().manual_seed(8)).tolist()
+        return [buffer[7 * k: 7 * k + 7] for k in order]
+
+    def allocated_in_reverse():  # as backward allocates them: addresses mostly descending down the list
+        g = torch.Generator().manual_seed(9)
+        return [torch.randn(k % 13 + 1, generator=g) for k in range(500)][::-1]
+
+    return {
+        "mixed dtypes": (mixed_dtypes, [2.0, 1.0, math.inf, 3.0]),
+        "0-dim with fp64": (zero_dim, [2.0, 0.5]),
+        "0-dim, fp32 total": (zero_dim_fp32, [2.0]),
+        "permuted": (permuted, [2.0, math.inf]),
+        "strided": (strided, [2.0, 1.0]),
+        "empty gradients": (with_empty, [2.0, 1.0]),
+        "shuffled slices of one buffer": (slices_in_shuffled_order, [2.0]),
+        "allocated in reverse": (allocated_in_reverse, [2.0, math.inf]),
+    }
+
+
+@pytest.mark.parametrize("case", list(_dense_table_cases()))
+def test_clip_parameters_gives_the_operators_bits_on_every_layout(case):
+    """clip_parameters builds the kernels' table while it takes the gradients, for dense CPU
+    gradients none of which shares memory with another, and hands anything else to the general checks:
+    either way the total and every clipped gradient have the operator's bits (its dtype promotion,
+    0-dim gradients scaled in double next to an fp64 one, empty gradients, permuted and strided
+    layouts, address orders with and without runs)."""
+    direct = _direct_module()
+    make, norm_types = _dense_table_cases()[case]
+    for norm_type in norm_types:
+        for max_norm in (1e-3, 1e9):  # clipping, and not
+            grads, twin = make(), make()
+            total = direct.clip_parameters(_with_grads(grads), max_norm, norm_type, False)
+            expected = torch.ops.fastclip.clip_(twin, max_norm, norm_type)
+            assert total.dtype == expected.dtype and torch.equal(total, expected), (case, norm_type, max_norm)
+            for g, e in zip(grads, twin):
+                assert torch.equal(g, e), (case, norm_type, max_norm)
+
+
+def test_clip_parameters_finds_shared_memory_anywhere_in_a_long_list():
+    """Two gradients that share elements, far apart in a long list whose addresses come in runs (up
+    and down) and out of order, are refused before any gradient changes; the general path then raises
+    fastclip's error. Gradients that only touch (one ends where the next begins) are not refused."""
+    direct = _direct_module()
+    buffer = torch.randn(1000 * 4, generator=torch.Generator().manual_seed(10))
+    slices = [buffer[4 * k: 4 * k + 4] for k in range(1000)]
+    shuffled = torch.randperm(201, generator=torch.Generator().manual_seed(11)).add(400).tolist()
+    order = list(range(0, 400)) + list(range(999, 600, -1)) + shuffled
+    touching = [slices[k] for k in order]
+    assert direct.clip_parameters(_with_grads(touching), 1e9, 2.0, False) is not NotImplemented
+
+    for position in (0, 450, 999):
+        grads = list(touching)
+        grads[position] = buffer[4 * 700 + 2: 4 * 700 + 6]  # overlaps slices 700 and 701
+        before = [g.clone() for g in grads]
+        params = _with_grads(grads)
+        assert direct.clip_parameters(params, 1e-3, 2.0, False) is NotImplemented, position
+        assert all(torch.equal(g, b) for g, b in zip(grads, before)), position
+        with pytest.raises(ValueError, match="share memory"):
+            fastclip.clip_(params, 1e-3, backend="cpp")
+        assert all(torch.equal(g, b) for g, b in zip(grads, before)), position
+
+
+def test_clip_parameters_refuses_the_inf_norm_of_an_empty_gradient_as_the_operator_does():
+    """The one-walk table leaves this case to the operator, whose error (torch's) it raises."""
+    direct = _direct_module()
+    params = _with_grads([torch.ones(3), torch.ones(0)])
+    with pytest.raises(RuntimeError, match="infinity norm on an empty tensor"):
+        direct.clip_parameters(params, 1e-3, math.inf, False)
+    assert torch.equal(params[0].grad, torch.ones(3))
