@@ -418,3 +418,53 @@ def test_clip_parameters_refuses_the_inf_norm_of_an_empty_gradient_as_the_operat
     with pytest.raises(RuntimeError, match="infinity norm on an empty tensor"):
         direct.clip_parameters(params, 1e-3, math.inf, False)
     assert torch.equal(params[0].grad, torch.ones(3))
+
+
+def _laid_out(values, descending: bool) -> list[torch.Tensor]:
+    """Copies of `values` in one buffer, each 64-byte aligned, at ascending addresses down the list
+    or at descending ones (as backward allocates gradients, last layer first)."""
+    sizes = [(v.numel() * v.element_size() + 63) // 64 * 64 for v in values]
+    buffer = torch.empty(sum(sizes) + 64, dtype=torch.uint8)
+    start = (-buffer.data_ptr()) % 64
+    order = range(len(values) - 1, -1, -1) if descending else range(len(values))
+    offsets = {}
+    for i in order:
+        offsets[i] = start
+        start += sizes[i]
+    copies = []
+    for i, v in enumerate(values):
+        copy = buffer[offsets[i]: offsets[i] + v.numel() * v.element_size()].view(v.dtype).view(v.shape)
+        copies.append(copy.copy_(v))
+    return copies
+
+
+@pytest.mark.parametrize("op", ["clip_", "clip_with_tensor_norms_", "clip_per_tensor_", "clamp_values_", "overflow_safe"])
+def test_cpu_kernels_give_the_same_bits_whatever_the_address_order(op):
+    """The CPU kernels work through the chunks in reverse where the tensors lie mostly at descending
+    addresses (parallel_over_chunks), so that small ones are read upwards: the same gradients laid
+    out in both orders give the same bits (norms, per-tensor norms and clipped values), with small,
+    empty, one-element and multi-chunk (> 65,536 elements) gradients of every dtype."""
+    _direct_module()  # the extension, which registers the operators
+    generator = torch.Generator().manual_seed(13)
+    sizes = [k % 37 + 1 for k in range(400)] + [0, 1, 70_000, 200_001, 3]
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+    values = [torch.randn(n, generator=generator).to(dtypes[k % 4]) for k, n in enumerate(sizes)]
+    results = []
+    for descending in (False, True):
+        grads = _laid_out(values, descending)
+        if op == "clip_":
+            out = [torch.ops.fastclip.clip_(grads, 0.5, 2.0)]
+        elif op == "clip_with_tensor_norms_":
+            out = list(torch.ops.fastclip.clip_with_tensor_norms_(grads, 0.5, 3.0))
+        elif op == "clip_per_tensor_":
+            out = [torch.ops.fastclip.clip_per_tensor_(grads, 0.5, 1.0)]
+        elif op == "clamp_values_":
+            torch.ops.fastclip.clamp_values_(grads, 0.3)
+            out = []
+        else:
+            out = [torch.ops.fastclip.clip_(grads, 0.5, 2.0, True)]
+        results.append((out, grads))
+    (out_a, grads_a), (out_b, grads_b) = results
+    assert all(torch.equal(a, b) for a, b in zip(out_a, out_b)), op
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b)), op
+    assert not all(torch.equal(a, v) for a, v in zip(grads_a, values))  # something was clipped

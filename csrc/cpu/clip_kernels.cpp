@@ -408,9 +408,8 @@ double overflow_safe_norm(const TensorView* tensors, int64_t count, Norm norm, c
   std::vector<int64_t> first_chunk;
   const std::vector<Chunk> chunks = make_chunks(tensors, count, first_chunk);
   std::vector<ScaledPartial> partials(chunks.size());
-  parallel_for(0, static_cast<int64_t>(chunks.size()), grain_in_chunks(chunks), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) partials[i] = scaled_partial(tensors[chunks[i].tensor], chunks[i], norm);
-  });
+  parallel_over_chunks(tensors, count, chunks, parallel_for,
+                       [&](int64_t i) { partials[i] = scaled_partial(tensors[chunks[i].tensor], chunks[i], norm); });
   if (norm.kind == NormKind::kInf) {
     double largest = 0.0;
     for (const ScaledPartial& partial : partials) largest = max_nan(largest, static_cast<double>(partial.sum));
@@ -431,14 +430,12 @@ void tensor_norms(const TensorView* tensors, int64_t count, Norm norm, const Par
   std::vector<int64_t> first_chunk;
   const std::vector<Chunk> chunks = make_chunks(tensors, count, first_chunk);
   std::vector<long double> partials(chunks.size());
-  parallel_for(0, static_cast<int64_t>(chunks.size()), grain_in_chunks(chunks), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const Chunk& c = chunks[i];
-      const TensorView& t = tensors[c.tensor];
-      // A one-element tensor's norm is single_element_norm's (below); the vector loop's setup would
-      // cost more than the element itself.
-      if (t.numel != 1) partials[i] = reduce(t.dtype, element_address(t, c.begin), c.end - c.begin, norm);
-    }
+  parallel_over_chunks(tensors, count, chunks, parallel_for, [&](int64_t i) {
+    const Chunk& c = chunks[i];
+    const TensorView& t = tensors[c.tensor];
+    // A one-element tensor's norm is single_element_norm's (below); the vector loop's setup would
+    // cost more than the element itself.
+    if (t.numel != 1) partials[i] = reduce(t.dtype, element_address(t, c.begin), c.end - c.begin, norm);
   });
   for (int64_t t = 0; t < count; ++t) {
     long double accumulated = 0.0L;
@@ -498,24 +495,19 @@ void scale(const TensorView* tensors, int64_t count, double coefficient, const P
   if (coefficient == 1.0) return;  // x * 1 == x for every x: skip the read and the write
   std::vector<int64_t> first_chunk;
   const std::vector<Chunk> chunks = make_chunks(tensors, count, first_chunk);
-  parallel_for(0, static_cast<int64_t>(chunks.size()), grain_in_chunks(chunks), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const Chunk& c = chunks[i];
-      const TensorView& t = tensors[c.tensor];
-      scale_elements(t, c.begin, c.end - c.begin, coefficient);
-    }
+  parallel_over_chunks(tensors, count, chunks, parallel_for, [&](int64_t i) {
+    const Chunk& c = chunks[i];
+    scale_elements(tensors[c.tensor], c.begin, c.end - c.begin, coefficient);
   });
 }
 
 void scale_each(const TensorView* tensors, int64_t count, const double* coefficients, const ParallelFor& parallel_for) {
   std::vector<int64_t> first_chunk;
   const std::vector<Chunk> chunks = make_chunks(tensors, count, first_chunk);
-  parallel_for(0, static_cast<int64_t>(chunks.size()), grain_in_chunks(chunks), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const Chunk& c = chunks[i];
-      const double coefficient = coefficients[c.tensor];
-      if (coefficient != 1.0) scale_elements(tensors[c.tensor], c.begin, c.end - c.begin, coefficient);
-    }
+  parallel_over_chunks(tensors, count, chunks, parallel_for, [&](int64_t i) {
+    const Chunk& c = chunks[i];
+    const double coefficient = coefficients[c.tensor];
+    if (coefficient != 1.0) scale_elements(tensors[c.tensor], c.begin, c.end - c.begin, coefficient);
   });
 }
 

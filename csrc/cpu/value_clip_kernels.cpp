@@ -135,11 +135,9 @@ void clamp_values(const TensorView* tensors, int64_t count, double clip_value, c
   const Bounds lo = bounds_of(-clip_value), hi = bounds_of(clip_value);
   std::vector<int64_t> first_chunk;
   const std::vector<Chunk> chunks = make_chunks(tensors, count, first_chunk);
-  parallel_for(0, static_cast<int64_t>(chunks.size()), grain_in_chunks(chunks), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const Chunk& c = chunks[i];
-      clamp_elements(tensors[c.tensor], c.begin, c.end - c.begin, lo, hi);
-    }
+  parallel_over_chunks(tensors, count, chunks, parallel_for, [&](int64_t i) {
+    const Chunk& c = chunks[i];
+    clamp_elements(tensors[c.tensor], c.begin, c.end - c.begin, lo, hi);
   });
 }
 
