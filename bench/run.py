@@ -112,7 +112,7 @@ def check_providers(table, grads, pristine, params, restore) -> dict[str, str]:
 
 
 def bench_workload(workload: Workload, device: str, repeats: int, timer: Timer, progress) -> report.Result:
-    grads = make_grads(workload.spec, device)
+    grads = make_grads(workload.spec, device, workload.backward_order)
     params = parameters_for(grads)
     pristine = [g.clone() for g in grads]
     flat = torch.empty(workload.nbytes // 4, dtype=torch.float32, device=device).uniform_()

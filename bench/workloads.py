@@ -80,8 +80,11 @@ def equal_split(total_bytes: int, count: int, dtype: torch.dtype | str) -> Spec:
 class Workload:
     name: str
     spec: Spec
-    group: str  # "model", "target", "count sweep", "size sweep"
+    group: str  # "model", "target", "count sweep", "size sweep", "allocation order"
     dtype_label: str  # for the plot's lines
+    # Gradients allocated last to first, as backward makes them: small ones then lie at descending
+    # addresses down the list, which hardware prefetchers do not follow as they follow ascending ones.
+    backward_order: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -134,10 +137,17 @@ def preset(name: str, device: str) -> list[Workload]:
                          [MIB, 16 * MIB, 256 * MIB, 1024 * MIB], 100)
     else:
         sweeps = _sweeps([torch.float32, torch.bfloat16], [1, 100, 1000, 10000], 16 * MIB, [MIB, 16 * MIB, 64 * MIB], 16)
-    return models + TARGET_WORKLOADS + sweeps
+    backward = Workload("10000 tensors, 16 MiB float32, allocated by backward", equal_split(16 * MIB, 10_000, torch.float32),
+                        "allocation order", "float32", backward_order=True)
+    return models + TARGET_WORKLOADS + sweeps + [backward]
 
 
-def make_grads(spec: Spec, device: str) -> list[torch.Tensor]:
-    """Random gradients (values near 1e-3, as typical late-training gradients), same on every run."""
+def make_grads(spec: Spec, device: str, backward_order: bool = False) -> list[torch.Tensor]:
+    """Random gradients (values near 1e-3, as typical late-training gradients), same on every run;
+    with backward_order, the same values in tensors allocated last to first (see Workload)."""
     generator = torch.Generator(device=device).manual_seed(0)
-    return [torch.randn(s, generator=generator, device=device, dtype=torch.float32).mul_(1e-3).to(d) for s, d in spec]
+    grads = [torch.randn(s, generator=generator, device=device, dtype=torch.float32).mul_(1e-3).to(d) for s, d in spec]
+    if not backward_order:
+        return grads
+    copies = {i: grads[i].clone() for i in reversed(range(len(grads)))}
+    return [copies[i] for i in range(len(grads))]

@@ -11,7 +11,8 @@ import torch
 
 import fastclip
 from bench import report, run
-from bench.workloads import MIB, Workload, gpt2_shapes, llama_shapes, lstm_lm_shapes, preset, resnet50_shapes, with_dtype
+from bench.workloads import (MIB, Workload, gpt2_shapes, llama_shapes, lstm_lm_shapes, make_grads, preset, resnet50_shapes,
+                              with_dtype)
 
 
 def _parameters(shapes) -> int:
@@ -30,8 +31,15 @@ def test_quick_preset_contains_the_issue_targets_and_sweeps():
     names = [w.name for w in preset("quick", "cpu")]
     assert "8 x 8M fp32 (256 MiB)" in names and "2000 x 8K fp32" in names
     groups = {w.group for w in preset("quick", "cpu")}
-    assert groups == {"model", "target", "count sweep", "size sweep"}
+    assert groups == {"model", "target", "count sweep", "size sweep", "allocation order"}
     assert max(w.count for w in preset("quick", "cpu")) == 10_000
+
+
+def test_backward_order_changes_where_gradients_lie_not_their_values():
+    """(Where they lie is the allocator's business: not asserted, it depends on the heap's state.)"""
+    spec = with_dtype([(100,)] * 50, torch.float32)
+    forward, backward = make_grads(spec, "cpu"), make_grads(spec, "cpu", backward_order=True)
+    assert all(torch.equal(f, b) for f, b in zip(forward, backward))
 
 
 def test_correctness_gate_rejects_a_wrong_provider(monkeypatch):
