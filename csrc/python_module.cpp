@@ -73,23 +73,69 @@ void sort_by_address(std::vector<MemoryExtent>& extents) {
   }
 }
 
-// The first pair of tensors (in list order) that share elements, or (-1, -1). Extents are sorted
-// and each compared with the one reaching furthest before it; where extents meet, ATen decides
-// whether elements are shared (two interleaved strided views share none; "too hard" counts as no).
-// tensor(i) is the tensor of index i.
+// The address of the first byte of each element of a strided tensor, ascending.
+std::vector<uintptr_t> element_addresses(const at::Tensor& t) {
+  std::vector<uintptr_t> addresses;
+  addresses.reserve(t.numel());
+  const int64_t dims = t.dim(), element = static_cast<int64_t>(t.element_size());
+  std::vector<int64_t> index(dims, 0);
+  const auto base = reinterpret_cast<uintptr_t>(t.data_ptr());
+  for (int64_t n = 0; n < t.numel(); ++n) {
+    int64_t offset = 0;
+    for (int64_t d = 0; d < dims; ++d) offset += index[d] * t.stride(d);
+    addresses.push_back(base + static_cast<uintptr_t>(offset * element));
+    for (int64_t d = dims - 1; d >= 0 && ++index[d] == t.size(d); --d) index[d] = 0;  // the next index
+  }
+  std::sort(addresses.begin(), addresses.end());
+  return addresses;
+}
+
+// Elements compared, at most, per call of first_shared_memory (two address lists of this many
+// elements hold 128 MiB): beyond, two strided tensors whose extents meet count as sharing, and the
+// caller refuses them.
+constexpr int64_t kMaxElementsCompared = int64_t{1} << 23;
+
+// Whether a and b (non-empty, neither overlapping itself), whose extents meet, share a byte. A
+// dense tensor covers every byte of its extent, so two dense ones do. Otherwise the bytes of every
+// element are compared (two interleaved strided views share none; a strided view and a slice over
+// one of its elements do); `budget` is what is left of kMaxElementsCompared. (ATen's
+// get_overlap_status answers "too hard" for any tensor that is not dense, and "no" for two storages
+// at the same address: neither says whether they share.)
+bool share_elements(const at::Tensor& a, const at::Tensor& b, int64_t& budget) {
+  if (a.is_non_overlapping_and_dense() && b.is_non_overlapping_and_dense()) return true;
+  budget -= a.numel() + b.numel();
+  if (budget < 0) return true;
+  const std::vector<uintptr_t> in_a = element_addresses(a), in_b = element_addresses(b);
+  const auto size_a = static_cast<uintptr_t>(a.element_size()), size_b = static_cast<uintptr_t>(b.element_size());
+  for (size_t i = 0, j = 0; i < in_a.size() && j < in_b.size();) {
+    if (in_a[i] + size_a <= in_b[j]) ++i;
+    else if (in_b[j] + size_b <= in_a[i]) ++j;
+    else return true;
+  }
+  return false;
+}
+
+// A pair of tensors that share elements, or (-1, -1). Extents are sorted, and each is compared with
+// every earlier one that reaches past its start (for gradients that do not overlap, at most the one
+// before it). tensor(i) is the tensor of index i.
 template <class TensorAt>
 std::pair<Py_ssize_t, Py_ssize_t> first_shared_memory(std::vector<MemoryExtent>& extents, TensorAt tensor) {
   sort_by_address(extents);
-  const MemoryExtent* furthest = nullptr;
+  std::vector<const MemoryExtent*> reaching;  // earlier extents that end after the current one starts
+  uintptr_t furthest = 0;  // the largest end among them
+  int64_t budget = kMaxElementsCompared;
   for (const MemoryExtent& e : extents) {
-    if (furthest != nullptr && e.begin < furthest->end) {
-      const at::Tensor& a = tensor(furthest->index);
-      const at::Tensor& b = tensor(e.index);
-      const at::MemOverlapStatus status = at::get_overlap_status(a, b);
-      if (status == at::MemOverlapStatus::Full || status == at::MemOverlapStatus::Partial)
-        return {std::min(furthest->index, e.index), std::max(furthest->index, e.index)};
+    if (e.begin >= furthest) {  // clear of every earlier extent: the usual case, one comparison
+      reaching.clear();
+    } else {
+      reaching.erase(std::remove_if(reaching.begin(), reaching.end(), [&e](const MemoryExtent* r) { return r->end <= e.begin; }),
+                     reaching.end());
     }
-    if (furthest == nullptr || e.end > furthest->end) furthest = &e;
+    furthest = std::max(furthest, e.end);
+    for (const MemoryExtent* r : reaching)
+      if (share_elements(tensor(r->index), tensor(e.index), budget))
+        return {std::min(r->index, e.index), std::max(r->index, e.index)};
+    reaching.push_back(&e);
   }
   return {-1, -1};
 }
@@ -120,7 +166,10 @@ PyObject* summarize(PyObject* /*module*/, PyObject* tensors) {
     if (std::find(layouts.begin(), layouts.end(), t.layout()) == layouts.end()) layouts.push_back(t.layout());
     if (t.layout() == at::kStrided && !t.is_contiguous())  // contiguous tensors never overlap themselves
       self_overlapping |= at::has_internal_overlap(t) == at::MemOverlap::Yes;
-    if (t.layout() == at::kStrided && t.numel() > 0 && t.has_storage()) extents.push_back(extent_of(t, i));
+    // Tensors on one device can share memory (on another the same address is other memory); meta
+    // tensors have none.
+    if (t.layout() == at::kStrided && t.numel() > 0 && t.has_storage() && t.device() == devices[0] && !t.is_meta())
+      extents.push_back(extent_of(t, i));
   }
   const auto [first, second] = first_shared_memory(
       extents, [tensors](Py_ssize_t i) -> const at::Tensor& { return THPVariable_Unpack(PyList_GET_ITEM(tensors, i)); });
@@ -259,7 +308,7 @@ PyObject* direct_scale_by(PyObject* /*module*/, PyObject* const* args, Py_ssize_
 
 // Taking a parameter's gradient follows a chain of objects: the parameter's Python object, its
 // TensorImpl, its autograd metadata, the gradient's TensorImpl, and the gradient's storage (read by
-// served_here and the kernels for the data pointer). When they are not in cache, as after the
+// the checks and the kernels for the data pointer). When they are not in cache, as after the
 // backward pass or any large kernel, each link costs a DRAM access, and one parameter's links
 // are serial. So while parameter i is taken, the links of later parameters are loaded in stages,
 // each stage one link further on, for a parameter whose previous link the stage before brought in;
@@ -321,48 +370,76 @@ bool has_kernel_dtype(at::ScalarType type) {
   return type == at::kFloat || type == at::kBFloat16 || type == at::kHalf || type == at::kDouble;
 }
 
-// The CPU kernels' views of gradients, built as GradientsOf takes them, for the common case: every
-// gradient dense (contiguous or a permutation of it) on the CPU in a float dtype, none sharing
-// memory with another. Then nothing walks the gradients again before the kernels: served_here's
-// checks, the promotion of their dtypes and the operator's table (KernelTensors) each did, 0.34 ms
-// together on 10,000 gradients of 1.6 KB (AMD EPYC), against ~0.15 ms for this table. Anything
-// else (another device or layout, a copy to make, shared memory) sets `usable` false and the
-// general checks decide, as before; they give the same views for the gradients accepted here.
-struct DenseCpuViews {
-  std::vector<fastclip::cpu::TensorView> views;
+// What clip_parameters needs to know of the gradients, gathered in the walk that takes them, so that
+// nothing walks them again: whether the fused kernels here serve them exactly as fastclip.clip_'s
+// general path would have them served by the cpp backend (one device with kernels, float dtypes,
+// strided layouts, none overlapping itself or another: the general path refuses those), and, for
+// the common case on CPU (every gradient dense, i.e. contiguous or a permutation of it), the CPU
+// kernels' views of them. The separate walks this replaces (the checks, the promotion of the
+// dtypes, the operator's table KernelTensors) took 0.34 ms on 10,000 gradients of 1.6 KB (AMD EPYC),
+// against ~0.15 ms for this.
+struct GradientChecks {
   std::vector<MemoryExtent> extents;  // of the non-empty gradients, by index into the taken list
+  std::vector<fastclip::cpu::TensorView> views;  // while cpu_views is true
+  at::Device device = at::kCPU;  // the first gradient's
   at::ScalarType total_type = at::ScalarType::Undefined;  // torch's total norm's: the dtypes' promotion
-  bool usable = true;
+  bool servable = true;
+  bool cpu_views = true;
   bool any_empty = false;
+  size_t count = 0;
 
-  // The next gradient, index `index` of the taken list.
-  void add(const at::Tensor& g, Py_ssize_t index) {
-    if (!usable) return;
-    const at::ScalarType type = g.scalar_type();
-    if (!g.is_cpu() || g.layout() != at::kStrided || !g.has_storage() || !has_kernel_dtype(type) ||
-        !g.is_non_overlapping_and_dense()) {
-      usable = false;
-      return;
-    }
-    total_type = views.empty() ? type : c10::promoteTypes(total_type, type);
-    const int64_t numel = g.numel();
-    // A 0-dim gradient scales in double when the coefficient is fp64 (KernelTensors): which is known
-    // only after the last dtype, so 0-dim is noted here and resolved in ready().
-    views.push_back({g.data_ptr(), numel, fastclip::kernel_dtype(type), g.dim() == 0});
-    if (numel == 0) {
-      any_empty = true;
-    } else {
-      const auto begin = reinterpret_cast<uintptr_t>(views.back().data);
-      extents.push_back({begin, begin + static_cast<uintptr_t>(numel * g.element_size()), index});
-    }
+  void reserve(size_t size) {
+    extents.reserve(size);
+    views.reserve(size);
   }
 
-  // Whether the views serve clip_ with this norm type (not overflow-safe): the inf norm of an empty
-  // gradient is an error, which the general path raises. `tensor(i)` is the taken gradient i.
+  // The next gradient, index `count` of the taken list.
+  void add(const at::Tensor& g) {
+    const Py_ssize_t index = static_cast<Py_ssize_t>(count++);
+    if (!servable) return;
+    const at::ScalarType type = g.scalar_type();
+    if (index == 0) device = g.device();
+    if (g.device() != device || g.layout() != at::kStrided || !g.has_storage() || !has_kernel_dtype(type)) {
+      servable = false;
+      return;
+    }
+    total_type = index == 0 ? type : c10::promoteTypes(total_type, type);
+    const int64_t numel = g.numel();
+    any_empty = any_empty || numel == 0;
+    if (g.is_non_overlapping_and_dense()) {
+      if (cpu_views && device.is_cpu()) {
+        // A 0-dim gradient scales in double when the coefficient is fp64 (KernelTensors): known only
+        // after the last dtype, so 0-dim is noted here and resolved in cpu_views_ready().
+        views.push_back({g.data_ptr(), numel, fastclip::kernel_dtype(type), g.dim() == 0});
+        if (numel > 0) {
+          const auto begin = reinterpret_cast<uintptr_t>(views.back().data);
+          extents.push_back({begin, begin + static_cast<uintptr_t>(numel * g.element_size()), index});
+        }
+        return;
+      }
+    } else {
+      cpu_views = false;  // a copy to make: the operator's KernelTensors does it
+      if (!g.is_contiguous() && at::has_internal_overlap(g) == at::MemOverlap::Yes) {
+        servable = false;
+        return;
+      }
+    }
+    if (numel > 0) extents.push_back(extent_of(g, index));
+  }
+
+  // Whether the fused kernels serve the gradients (see above); `tensor(i)` is the taken gradient i.
   template <class TensorAt>
-  bool ready(double norm_type, TensorAt tensor) {
-    if (!usable || views.empty() || (std::isinf(norm_type) && any_empty)) return false;
-    if (first_shared_memory(extents, tensor).first >= 0) return false;
+  bool served(bool overflow_safe, TensorAt tensor) {
+    if (count == 0 || !servable) return false;
+    if (!(device.is_cpu() || (device.is_cuda() && fastclip::cuda_functions().clip != nullptr && !overflow_safe)))
+      return false;
+    return first_shared_memory(extents, tensor).first < 0;
+  }
+
+  // Whether `views` serve clip_ (after served()) with this norm type, not overflow-safe: the inf norm
+  // of an empty gradient is an error, which the operator raises.
+  bool cpu_views_ready(double norm_type, bool overflow_safe) {
+    if (!device.is_cpu() || !cpu_views || overflow_safe || (std::isinf(norm_type) && any_empty)) return false;
     for (fastclip::cpu::TensorView& view : views) view.scale_in_double = view.scale_in_double && total_type == at::kDouble;
     return true;
   }
@@ -370,11 +447,11 @@ struct DenseCpuViews {
 
 // The gradients of a list of parameters, as torch's [p.grad for p in parameters if p.grad is not
 // None] takes them, each held by a reference to its Python object (made, as reading p.grad in Python
-// makes it, if the gradient has none yet) and borrowed as an at::Tensor.
+// makes it, if the gradient has none yet) and borrowed as an at::Tensor, and checked (GradientChecks).
 struct GradientsOf {
   BorrowedTensors borrowed;  // declared first: released last, after the references below
   std::vector<PyObject*> objects;
-  DenseCpuViews dense_cpu;  // the kernels' views, if they serve these gradients (see DenseCpuViews)
+  GradientChecks checks;
 
   GradientsOf() = default;
   GradientsOf(const GradientsOf&) = delete;
@@ -388,8 +465,7 @@ struct GradientsOf {
   bool take(PyObject* parameters) {
     const Py_ssize_t size = PyList_GET_SIZE(parameters);
     objects.reserve(size);
-    dense_cpu.views.reserve(size);
-    dense_cpu.extents.reserve(size);
+    checks.reserve(size);
     borrowed.tensors.reserve(size);
     ChainPrefetcher prefetcher(parameters);
     for (Py_ssize_t i = 0; i < size; ++i) {
@@ -404,7 +480,7 @@ struct GradientsOf {
       if (object == nullptr) throw python_error();
       objects.push_back(object);
       if (!THPVariable_CheckExact(object)) return false;
-      dense_cpu.add(grad, static_cast<Py_ssize_t>(borrowed.tensors.size()));
+      checks.add(grad);
       borrowed.tensors.emplace_back(c10::intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>::reclaim(
           THPVariable_Unpack(object).unsafeGetTensorImpl()));
     }
@@ -412,35 +488,16 @@ struct GradientsOf {
   }
 };
 
-// Whether the fused kernels here serve these gradients exactly as fastclip.clip_'s general path would
-// have them served by the cpp backend: one device with kernels, float dtypes, strided layouts, none
-// overlapping itself or another (the general path refuses those), the overflow-safe norm on CPU only.
-bool served_here(const std::vector<at::Tensor>& grads, bool overflow_safe) {
-  if (grads.empty()) return false;
-  const at::Device device = grads[0].device();
-  if (!(device.is_cpu() || (device.is_cuda() && fastclip::cuda_functions().clip != nullptr && !overflow_safe)))
-    return false;
-  std::vector<MemoryExtent> extents;
-  extents.reserve(grads.size());
-  for (size_t i = 0; i < grads.size(); ++i) {
-    const at::Tensor& g = grads[i];
-    const at::ScalarType type = g.scalar_type();
-    if (g.device() != device || g.layout() != at::kStrided || !g.has_storage() || !has_kernel_dtype(type)) return false;
-    if (!g.is_contiguous() && at::has_internal_overlap(g) == at::MemOverlap::Yes) return false;
-    if (g.numel() > 0) extents.push_back(extent_of(g, static_cast<Py_ssize_t>(i)));
-  }
-  return first_shared_memory(extents, [&grads](Py_ssize_t i) -> const at::Tensor& { return grads[i]; }).first < 0;
-}
-
 // fastclip._C.clip_parameters(parameters: list, max_norm: float, norm_type: float, overflow_safe: bool)
 //     -> Tensor | NotImplemented
 //
 // fastclip.clip_'s whole call where the cpp backend serves it, in one pass over the parameters: the
-// gradients taken in C++ (GradientsOf), checked (served_here) and clipped by the operator's function,
-// without the GIL. Taking the gradients and the checks in Python cost ~0.17 us per parameter, more
-// than clipping a small gradient. NotImplemented for anything else (a norm type without a kernel, no
-// gradients, a tensor subclass, any gradient served_here refuses): fastclip.clip_ then takes its
-// general path, which raises, or picks a backend, as it always has.
+// gradients taken and checked in C++ (GradientsOf) and clipped by the operator's function (dense CPU
+// gradients straight from their views), without the GIL. Taking the gradients and the checks in
+// Python cost ~0.17 us per parameter, more than clipping a small gradient. NotImplemented for
+// anything else (a norm type without a kernel, no gradients, a tensor subclass, any gradient the
+// checks refuse): fastclip.clip_ then takes its general path, which raises, or picks a backend, as
+// it always has.
 PyObject* clip_parameters(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   TORCH_CHECK(nargs == 4, "fastclip._C.clip_parameters takes 4 arguments");
@@ -450,16 +507,16 @@ PyObject* clip_parameters(PyObject* /*module*/, PyObject* const* args, Py_ssize_
   const bool overflow_safe = PyObject_IsTrue(args[3]) == 1;
   if (!PyList_Check(args[0]) || !(norm_type > 0)) Py_RETURN_NOTIMPLEMENTED;  // p <= 0 and NaN: no kernel
   GradientsOf grads;
-  if (!grads.take(args[0])) Py_RETURN_NOTIMPLEMENTED;
   const auto taken = [&grads](Py_ssize_t i) -> const at::Tensor& { return grads.borrowed.tensors[i]; };
-  if (!overflow_safe && grads.dense_cpu.ready(norm_type, taken)) {
-    const DenseCpuViews& dense = grads.dense_cpu;
-    at::Tensor total = without_gil([&] { return fastclip::clip_views_cpu(dense.views, dense.total_type, max_norm, norm_type); });
-    return THPVariable_Wrap(std::move(total));
+  if (!grads.take(args[0]) || !grads.checks.served(overflow_safe, taken)) Py_RETURN_NOTIMPLEMENTED;
+  GradientChecks& checks = grads.checks;
+  at::Tensor total;
+  if (checks.cpu_views_ready(norm_type, overflow_safe)) {
+    total = without_gil([&] { return fastclip::clip_views_cpu(checks.views, checks.total_type, max_norm, norm_type); });
+  } else {
+    const auto clip = checks.device.is_cpu() ? &fastclip::clip_cpu : fastclip::cuda_functions().clip;
+    total = without_gil([&] { return clip(grads.borrowed.tensors, max_norm, norm_type, overflow_safe); });
   }
-  if (!served_here(grads.borrowed.tensors, overflow_safe)) Py_RETURN_NOTIMPLEMENTED;
-  const auto clip = grads.borrowed.tensors[0].is_cpu() ? &fastclip::clip_cpu : fastclip::cuda_functions().clip;
-  at::Tensor total = without_gil([&] { return clip(grads.borrowed.tensors, max_norm, norm_type, overflow_safe); });
   return THPVariable_Wrap(std::move(total));
   END_HANDLE_TH_ERRORS
 }

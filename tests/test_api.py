@@ -281,8 +281,13 @@ def test_gradients_that_cannot_be_clipped_are_refused_untouched(clip, bad, error
         (lambda b: [b[:10], torch.ones(3), b[:10]], True),  # the same memory twice
         (lambda b: [b[:10], b[10:]], False),  # adjacent views of one buffer (a flat gradient buffer)
         (lambda b: [b[::2], b[1::2]], False),  # interleaved views share no element
+        (lambda b: [b[::2], b[2:4]], True),  # a strided view and a slice over one of its elements
+        (lambda b: [b[1::2], torch.ones(2), b[::3]], True),  # two strided views crossing at element 3
+        (lambda b: [b[:10], torch.from_numpy(b.numpy())[5:15]], True),  # two storages over one memory
+        (lambda b: [b[:8].view(torch.bfloat16), b[6:12]], True),  # another dtype's view of the same bytes
     ],
-    ids=["partial", "twice", "adjacent", "interleaved"],
+    ids=["partial", "twice", "adjacent", "interleaved", "strided and slice", "strided crossing", "two storages",
+         "dtype view"],
 )
 def test_gradients_sharing_memory_are_refused_untouched(clip, views, shared):
     """Two gradients that share elements would have them scaled twice (torch does so silently);

@@ -231,6 +231,8 @@ def test_clip_parameters_refuses_everything_the_general_path_must_handle():
         "a sparse gradient": (_with_grads([torch.ones(2), torch.ones(3).to_sparse()]), 2.0, False),
         "two devices": (_with_grads([torch.ones(2), torch.ones(2, device="meta")]), 2.0, False),
         "shared memory": (_with_grads([shared[:4], shared[2:6]]), 2.0, False),
+        "shared memory, one strided": (_with_grads([shared[::2], shared[2:4]]), 2.0, False),
+        "shared memory, after a strided one": (_with_grads([torch.ones(6)[::3], shared[:4], shared[3:5]]), 2.0, False),
         "an expanded view": (_with_grads([expanded]), 2.0, False),
         "a non-leaf tensor": ([non_leaf], 2.0, False),
         "a gradient subclass": ([subclass_param], 2.0, False),
@@ -343,6 +345,10 @@ def _dense_table_cases():
         g = torch.Generator().manual_seed(5)
         return [torch.randn(6, 8, generator=g)[:, ::2], torch.randn(7, generator=g)]
 
+    def interleaved():  # two strided views of one buffer that share no element: served
+        buffer = torch.randn(16, generator=torch.Generator().manual_seed(14))
+        return [buffer[::2], buffer[1::2]]
+
     def with_empty():
         g = torch.Generator().manual_seed(6)
         return [torch.randn(5, generator=g), torch.ones(0), torch.randn(3, 0), torch.randn(4, generator=g)]
@@ -362,6 +368,7 @@ def _dense_table_cases():
         "0-dim, fp32 total": (zero_dim_fp32, [2.0]),
         "permuted": (permuted, [2.0, math.inf]),
         "strided": (strided, [2.0, 1.0]),
+        "interleaved strided views": (interleaved, [2.0]),
         "empty gradients": (with_empty, [2.0, 1.0]),
         "shuffled slices of one buffer": (slices_in_shuffled_order, [2.0]),
         "allocated in reverse": (allocated_in_reverse, [2.0, math.inf]),
