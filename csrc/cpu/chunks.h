@@ -47,11 +47,14 @@ inline int64_t grain_in_chunks(const std::vector<Chunk>& chunks) {
   return std::max<int64_t>(1, (int64_t{1} << 18) * static_cast<int64_t>(chunks.size()) / elements);
 }
 
-// Whether the tensors lie mostly at descending addresses down the list, as gradients do when
-// backward allocates them (from the last layer to the first).
-inline bool mostly_descending(const TensorView* tensors, int64_t count) {
+// Whether the small tensors (one chunk each) lie mostly at descending addresses down the list, as
+// gradients do when backward allocates them (from the last layer to the first). Only neighbours that
+// are both small count: a large tensor streams at full speed in either order, and reversing the
+// order of its chunks cost 4-5% (8 x 32 MiB, which the allocator maps at descending addresses).
+inline bool small_ones_descending(const TensorView* tensors, int64_t count) {
   int64_t descending = 0, ascending = 0;
   for (int64_t t = 1; t < count; ++t) {
+    if (tensors[t - 1].numel > kChunkElements || tensors[t].numel > kChunkElements) continue;
     const auto previous = reinterpret_cast<uintptr_t>(tensors[t - 1].data), here = reinterpret_cast<uintptr_t>(tensors[t].data);
     descending += here < previous;
     ascending += here > previous;
@@ -60,8 +63,8 @@ inline bool mostly_descending(const TensorView* tensors, int64_t count) {
 }
 
 // Runs body(i) for every chunk index i, in parallel pieces of grain_in_chunks(chunks). Chunks are
-// worked through in list order, or in reverse where the tensors lie mostly at descending addresses:
-// small tensors are then read at ascending addresses, which the hardware prefetchers follow
+// worked through in list order, or in reverse where the small tensors lie mostly at descending
+// addresses: they are then read at ascending addresses, which the hardware prefetchers follow
 // (fastclip.clip_ of 10,000 gradients of 1.6 KB allocated in reverse, not in cache: 1.46-1.49 ms
 // -> 0.87-0.88 ms; 0.84-0.86 ms in list order; AMD EPYC). Each chunk's result goes to its own
 // slot whatever the order, so the results do not depend on it.
@@ -69,7 +72,7 @@ template <class Body>
 void parallel_over_chunks(const TensorView* tensors, int64_t count, const std::vector<Chunk>& chunks,
                           const ParallelFor& parallel_for, const Body& body) {
   const int64_t n = static_cast<int64_t>(chunks.size());
-  const bool reversed = mostly_descending(tensors, count);
+  const bool reversed = small_ones_descending(tensors, count);
   parallel_for(0, n, grain_in_chunks(chunks), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) body(reversed ? n - 1 - i : i);
   });
