@@ -65,31 +65,36 @@ inline void load8_into(const typename E::Storage* p, V* out) {
   }
 }
 
-// The L2 reduction of fp16 and bf16 squares elements in float and adds them in pairs before
-// widening: a 16-bit float has at most 11 significant bits, so its square (22 bits) is exact in
-// float, and the pair's sum is rounded once, to float's 24 bits, far below the error torch's own
-// float accumulation makes. Widening to double is what limits the plain loop (two conversions per
-// eight elements, ~5 G elements/s per core on Zen 4, below DRAM speed for 16-bit data); pairs halve
-// it. Sums of dyadic values that torch sums exactly in float are exact here too (E4). The range is
-// the one caveat, for bf16 only: squares above float's range are inf, as in torch's float sum (and
-// finish_norm makes such a norm inf anyway), and squares below it lose bits, which reduce_span
-// detects from the result and then redoes the span in double.
+// The L2 reduction of fp16 and bf16 squares elements in float and adds them in fours,
+// (a^2 + b^2) + (c^2 + d^2), before widening: a 16-bit float has at most 11 significant bits, so
+// its square (22 bits) is exact in float, and each quad's sum is rounded at most three times, to
+// float's 24 bits, far below the error torch's own float accumulation makes. Widening to double is
+// what limits the plain loop (two conversions per eight elements, ~5 G elements/s per core on
+// Zen 4, below DRAM speed for 16-bit data); quads quarter it (pairs, before, halved it: 16 MiB of
+// bf16 in cache, 2 AMD EPYC cores, 81 -> 91 GB/s from pairs to quads; from DRAM no change). Sums
+// of squares whose total fits in float's 24 bits above the smallest square's lowest bit are exact
+// here, as in torch's float sum (E4): every partial sum is such a multiple, below the total. The
+// range is the one caveat, for bf16 only: squares above float's range are inf, as in torch's float
+// sum (and finish_norm makes such a norm inf anyway), and squares below it lose bits, which
+// reduce_span detects from the result and then redoes the span in double.
 template <class E, NormKind K, bool kScaled>
-constexpr bool kSquarePairsInFloat =
+constexpr bool kSquareQuadsInFloat =
     K == NormKind::kL2 && !kScaled && sizeof(typename E::Storage) == 2 && std::is_same_v<typename E::Math, float>;
 
-// The squares of eight elements at a plus those of the eight at b, in float, widened to double
-// into 8 / width accumulator-sized vectors.
+// (a^2 + b^2) + (c^2 + d^2) in float for the eight elements at p, p + stride, p + 2 stride and
+// p + 3 stride, widened to double into 8 / width accumulator-sized vectors.
 template <Isa I, class E, class V>
-inline void load8_pair_squares_into(const typename E::Storage* a, const typename E::Storage* b, V* out) {
-  const simd::f32x8 x = E::template load8<I>(a);
-  const simd::f32x8 y = E::template load8<I>(b);
-  const simd::f32x8 pair = x * x + y * y;
+inline void load8_quad_squares_into(const typename E::Storage* p, int64_t stride, V* out) {
+  const simd::f32x8 a = E::template load8<I>(p);
+  const simd::f32x8 b = E::template load8<I>(p + stride);
+  const simd::f32x8 c = E::template load8<I>(p + 2 * stride);
+  const simd::f32x8 d = E::template load8<I>(p + 3 * stride);
+  const simd::f32x8 quad = (a * a + b * b) + (c * c + d * d);
   if constexpr (sizeof(V) == sizeof(f64x8)) {
-    out[0] = simd::widen<I>(pair);
+    out[0] = simd::widen<I>(quad);
   } else {
 #if FASTCLIP_X86_VARIANTS
-    simd::widen_halves(pair, out[0], out[1]);
+    simd::widen_halves(quad, out[0], out[1]);
 #endif
   }
 }
@@ -148,18 +153,19 @@ constexpr int64_t kPrefetchBytes = 4096;
 // nothing to the wider arithmetic. 32 lanes (four 8-wide vectors, or eight 4-wide ones on AVX2) accumulate independently, so the loop
 // is not bound by the latency of one addition; each lane sums blocks of 32 elements, and block sums
 // are added to the lane with Neumaier compensation, so the rounding error stays that of a short
-// sum however large the tensor. The last n % 32 elements (n % 64 with kPairs) are summed one by one.
+// sum however large the tensor. The last n % 32 elements (n % 128 with kQuads) are summed one by one.
 // kScaled: every element is multiplied by `scale` (a power of two, so exactly) before it is
 // accumulated; the overflow-safe norm's second sweep over a chunk.
-// kPairs (see kSquarePairsInFloat): a step is 64 elements, lane j adding x[j]^2 + x[j + 32]^2.
+// kQuads (see kSquareQuadsInFloat): a step is 128 elements, lane j adding
+// (x[j]^2 + x[j + 32]^2) + (x[j + 64]^2 + x[j + 96]^2).
 // A partial is returned in long double (see Partial); kInf's holds a double exactly.
-template <Isa I, class E, NormKind K, bool kScaled, bool kPairs = kSquarePairsInFloat<E, K, kScaled>>
+template <Isa I, class E, NormKind K, bool kScaled, bool kQuads = kSquareQuadsInFloat<E, K, kScaled>>
 inline long double reduce_span(const typename E::Storage* x, int64_t n, double p, double scale) {
   using V = AccumulatorVector<I>;
   constexpr int kWidth = sizeof(V) / sizeof(double);
   constexpr int kVectors = 4 * kLanes / kWidth;  // 32 accumulators, element j of a step in (j / width, j % width)
   constexpr int64_t kLaneCount = 4 * kLanes;
-  constexpr int64_t kStep = kPairs ? 2 * kLaneCount : kLaneCount;  // elements per step
+  constexpr int64_t kStep = kQuads ? 4 * kLaneCount : kLaneCount;  // elements per step
   constexpr int64_t kBlock = 32 * kStep;
   constexpr int64_t kLineElements = 64 / sizeof(*x);
   V lanes[kVectors];
@@ -175,10 +181,9 @@ inline long double reduce_span(const typename E::Storage* x, int64_t n, double p
       for (int64_t line = 0; line < kStep; line += kLineElements)  // prefetches never fault
         __builtin_prefetch(reinterpret_cast<const char*>(x + i + line) + kPrefetchBytes);
       V loaded[kVectors];
-      if constexpr (kPairs) {
+      if constexpr (kQuads) {
         for (int eight = 0; eight < 4; ++eight)
-          load8_pair_squares_into<I, E>(x + i + eight * kLanes, x + i + kLaneCount + eight * kLanes,
-                                        loaded + eight * kLanes / kWidth);
+          load8_quad_squares_into<I, E>(x + i + eight * kLanes, kLaneCount, loaded + eight * kLanes / kWidth);
         for (int v = 0; v < kVectors; ++v) block[v] += loaded[v];
       } else {
         for (int eight = 0; eight < 4; ++eight) load8_into<I, E>(x + i + eight * kLanes, loaded + eight * kLanes / kWidth);
@@ -220,10 +225,11 @@ inline long double reduce_span(const typename E::Storage* x, int64_t n, double p
           result += std::isinf(lanes[v][l]) ? lanes[v][l] : static_cast<Partial<E, K>>(lanes[v][l]) + compensation[v][l];
       }
   }
-  if constexpr (kPairs && std::is_same_v<E, simd::BF16>) {
+  if constexpr (kQuads && std::is_same_v<E, simd::BF16>) {
     // A bf16 square below float's normal range (|x| < 2^-63) is rounded to a multiple of 2^-149,
-    // so the pairs' sum is off by at most n * 2^-150: negligible (< 2^-26 relative) unless the
-    // sum itself is below n * 2^-124. Such spans are summed again in double, exactly as before.
+    // so the quads' sums are off by at most n * 2^-150 (the additions of such tiny terms, all
+    // multiples of 2^-149, are exact): negligible (< 2^-26 relative) unless the sum itself is below
+    // n * 2^-124. Such spans are summed again in double, exactly as before.
     if (result < static_cast<double>(n) * 0x1p-124) return reduce_span<I, E, K, kScaled, false>(x, n, p, scale);
   }
   return result;
