@@ -70,7 +70,7 @@ struct TensorView;
 at::Tensor clip_cpu(at::TensorList grads, double max_norm, double norm_type, bool overflow_safe);
 // clip_cpu (overflow_safe false) of gradients already reduced to the kernels' views, which the
 // caller has checked: at least one, each dense on CPU in a float dtype, none sharing memory with
-// another, none empty for the inf norm, none on a dtype outside total_type's promotion.
+// another, none empty for the inf norm; total_type is the promotion of their dtypes.
 at::Tensor clip_views_cpu(const std::vector<cpu::TensorView>& views, at::ScalarType total_type, double max_norm,
                           double norm_type);
 at::Tensor total_norm_cpu(at::TensorList tensors, double norm_type, bool overflow_safe);

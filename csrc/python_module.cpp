@@ -411,7 +411,8 @@ struct GradientChecks {
         // A 0-dim gradient scales in double when the coefficient is fp64 (KernelTensors): known only
         // after the last dtype, so 0-dim is noted here and resolved in cpu_views_ready().
         views.push_back({g.data_ptr(), numel, fastclip::kernel_dtype(type), g.dim() == 0});
-        if (numel > 0) {
+        if (numel > 0) {  // extent_of's, without its second data_ptr() and walk over the dimensions
+          // (a dense tensor's elements fill its extent): 3-9% of the whole call on 10,000 x 1.6 KB
           const auto begin = reinterpret_cast<uintptr_t>(views.back().data);
           extents.push_back({begin, begin + static_cast<uintptr_t>(numel * g.element_size()), index});
         }
