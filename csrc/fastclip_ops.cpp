@@ -124,9 +124,11 @@ at::Tensor clip_cpu(at::TensorList grads, double max_norm, double norm_type, boo
   return clip_with_torch_norms(grads, max_norm, norm, nullptr);
 }
 
-at::Tensor clip_views_cpu(const std::vector<cpu::TensorView>& views, at::ScalarType total_type, double max_norm,
-                          double norm_type) {
-  const cpu::ClipResult result = clip_with_torch_norms(views, total_type, max_norm, kernel_norm(norm_type), nullptr);
+at::Tensor clip_views_cpu(const std::vector<cpu::TensorView>& views, int64_t known, double* norms,
+                          at::ScalarType total_type, double max_norm, double norm_type) {
+  const cpu::ClipResult result =
+      cpu::clip_with_norms_from(views.data(), static_cast<int64_t>(views.size()), known, norms, kernel_norm(norm_type),
+                                kernel_dtype(total_type), max_norm, aten_parallel_for());
   return at::scalar_tensor(result.total_norm, at::TensorOptions().dtype(total_type));
 }
 

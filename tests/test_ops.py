@@ -475,3 +475,96 @@ def test_cpu_kernels_give_the_same_bits_whatever_the_address_order(op):
     assert all(torch.equal(a, b) for a, b in zip(out_a, out_b)), op
     assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b)), op
     assert not all(torch.equal(a, v) for a, v in zip(grads_a, values))  # something was clipped
+
+
+def _long_list_values(large_at: int | None):
+    """~700 gradients of every dtype and of the sizes that the norms-while-taking threads treat
+    differently: one element, empty, 0-dim, a few hundred elements, exactly one chunk (65,536) and,
+    at `large_at`, one of several chunks, where those threads stop; inf and NaN far down the list."""
+    generator = torch.Generator().manual_seed(15)
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+    shapes = [(k % 300 + 1,) for k in range(700)]
+    shapes[7], shapes[40], shapes[41], shapes[333] = (1,), (0,), (), (65_536,)
+    if large_at is not None:
+        shapes[large_at] = (70_001,)
+    values = [torch.randn(s, generator=generator).to(dtypes[k % 4]) for k, s in enumerate(shapes)]
+    return values
+
+
+@pytest.mark.parametrize("threads", [1, 2, 4])
+@pytest.mark.parametrize("large_at", [None, 0, 300, 699])
+def test_clip_parameters_norms_while_taking_give_the_operators_bits(threads, large_at):
+    """On lists of 256 parameters or more, the pool's other threads compute the norms of CPU
+    gradients while the calling thread is still taking them (NormsWhileTaking), up to the first
+    gradient of several chunks; the kernels' pass after the walk does the rest. With 1, 2 and 4
+    threads (several threads claiming blocks), that gradient first, in the middle, last or absent,
+    gradients laid out at ascending and descending addresses, and every norm type, the total and
+    every clipped gradient have the operator's bits (the operator never computes norms that way)."""
+    direct = _direct_module()
+    values = _long_list_values(large_at)
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for descending in (False, True):
+            for norm_type, max_norm in [(2.0, 1e-3), (2.0, 1e9), (1.0, 0.5), (3.0, 1e-2), (0.5, 1e9)]:
+                grads, twin = _laid_out(values, descending), _laid_out(values, descending)
+                total = direct.clip_parameters(_with_grads(grads), max_norm, norm_type, False)
+                expected = torch.ops.fastclip.clip_(twin, max_norm, norm_type)
+                context = (descending, norm_type, max_norm)
+                assert total.dtype == expected.dtype and torch.equal(total, expected), context
+                assert all(torch.equal(g, e) for g, e in zip(grads, twin)), context
+            # non-finite gradients far down the list, and the inf norm (no empty gradient: an error)
+            nonfinite = [v.clone() for v in values]
+            nonfinite[41] = torch.tensor(0.5)
+            nonfinite[40] = torch.ones(1)
+            for position, value in ((500, math.inf), (650, math.nan)):
+                nonfinite[position].view(-1)[0] = value
+                for norm_type in (2.0, math.inf):
+                    grads, twin = _laid_out(nonfinite, descending), _laid_out(nonfinite, descending)
+                    total = direct.clip_parameters(_with_grads(grads), 1.0, norm_type, False)
+                    expected = torch.ops.fastclip.clip_(twin, 1.0, norm_type)
+                    exactly = dict(rtol=0, atol=0, equal_nan=True)  # the same values, NaN where NaN
+                    torch.testing.assert_close(total, expected, **exactly)
+                    for g, e in zip(grads, twin):
+                        torch.testing.assert_close(g, e, **exactly)
+    finally:
+        torch.set_num_threads(saved_threads)
+
+
+def test_clip_parameters_norms_while_taking_leave_everything_as_found_where_the_walk_gives_up():
+    """The other threads read gradients while the walk goes on; where the walk then finds something
+    the fused path does not serve (a tensor subclass, a non-leaf parameter, gradients sharing memory)
+    clip_parameters answers NotImplemented with every gradient unchanged, and where it finds a
+    strided gradient (copied by the operator) the result has the operator's bits."""
+    direct = _direct_module()
+
+    class Subclass(torch.Tensor):
+        pass
+
+    values = _long_list_values(None)
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for position in (260, 699):
+            for odd_one in ("subclass", "non-leaf", "shared"):
+                grads = _laid_out(values, False)
+                params = _with_grads(grads)
+                if odd_one == "subclass":
+                    params[position] = torch.ones(2).as_subclass(Subclass)
+                elif odd_one == "non-leaf":
+                    params[position] = torch.zeros(3, requires_grad=True) * 2
+                else:  # a gradient that is a view of another's first element
+                    params[position] = _with_grads([grads[10][:1]])[0]
+                before = [g.clone() for g in grads]
+                assert direct.clip_parameters(params, 1e-3, 2.0, False) is NotImplemented, (odd_one, position)
+                assert all(torch.equal(g, b) for g, b in zip(grads, before)), (odd_one, position)
+            grads, twin = _laid_out(values, False), _laid_out(values, False)
+            generator = torch.Generator().manual_seed(16)
+            strided = torch.randn(8, 6, generator=generator)[:, ::3]
+            grads[position], twin[position] = strided, strided.clone()
+            total = direct.clip_parameters(_with_grads(grads), 1e-3, 2.0, False)
+            expected = torch.ops.fastclip.clip_(twin, 1e-3, 2.0)
+            assert torch.equal(total, expected), position
+            assert all(torch.equal(g, e) for g, e in zip(grads, twin)), position
+    finally:
+        torch.set_num_threads(saved_threads)

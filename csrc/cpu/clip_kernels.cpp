@@ -523,9 +523,15 @@ void scale_each(const TensorView* tensors, int64_t count, const double* coeffici
 ClipResult clip(const TensorView* tensors, int64_t count, Norm norm, DType total_dtype, double max_norm,
                 const ParallelFor& parallel_for, double* norms_out) {
   std::vector<double> norms(count);
-  tensor_norms(tensors, count, norm, parallel_for, norms.data());
+  const ClipResult result = clip_with_norms_from(tensors, count, 0, norms.data(), norm, total_dtype, max_norm, parallel_for);
   if (norms_out != nullptr) std::copy(norms.begin(), norms.end(), norms_out);
-  const double total = total_norm(norms.data(), count, norm, total_dtype);
+  return result;
+}
+
+ClipResult clip_with_norms_from(const TensorView* tensors, int64_t count, int64_t known, double* norms, Norm norm,
+                                DType total_dtype, double max_norm, const ParallelFor& parallel_for) {
+  tensor_norms(tensors + known, count - known, norm, parallel_for, norms + known);
+  const double total = total_norm(norms, count, norm, total_dtype);
   const double coefficient = clip_coefficient(total, max_norm, total_dtype);
   scale(tensors, count, coefficient, parallel_for);
   return {total, coefficient};

@@ -77,4 +77,10 @@ struct ClipResult {
 ClipResult clip(const TensorView* tensors, int64_t count, Norm norm, DType total_dtype, double max_norm,
                 const ParallelFor& parallel_for, double* norms_out);
 
+// clip() where the norms of the first `known` tensors are already in norms[0, known), each as
+// span_norm gives it (the same bits as tensor_norms): the rest go to norms[known, count). For a
+// caller that computes norms while it is still gathering the tensors.
+ClipResult clip_with_norms_from(const TensorView* tensors, int64_t count, int64_t known, double* norms, Norm norm,
+                                DType total_dtype, double max_norm, const ParallelFor& parallel_for);
+
 }  // namespace fastclip::cpu
