@@ -38,7 +38,8 @@ struct KernelTensors : DenseTensors {
 // the next `grain` from a shared counter until none is left. at::parallel_for splits the range
 // into one static piece per thread, so on a shared machine the call lasted as long as the slower
 // core's half (dynamic: 3-5% faster on 2,000 x 8K, 10,000 small and 8 large gradients, AMD EPYC).
-// Results do not change: every chunk's partial has its own slot, combined in chunk order after.
+// Results do not change: every chunk's partial has its own slot, combined in chunk order after,
+// and every thread works in the caller's floating-point environment (CallerFloatingPoint).
 const cpu::ParallelFor& aten_parallel_for() {
   static const cpu::ParallelFor parallel_for =
       [](int64_t begin, int64_t end, int64_t grain, const std::function<void(int64_t, int64_t)>& body) {
@@ -46,7 +47,9 @@ const cpu::ParallelFor& aten_parallel_for() {
         const int64_t threads = std::min<int64_t>(at::get_num_threads(), pieces);
         if (threads <= 1 || at::in_parallel_region()) return body(begin, end);
         std::atomic<int64_t> next{begin};
+        const CallerFloatingPoint floating_point;
         at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+          const CallerFloatingPoint::InThisThread same(floating_point);
           for (int64_t b = next.fetch_add(grain); b < end; b = next.fetch_add(grain)) body(b, std::min(end, b + grain));
         });
       };

@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cfenv>
 #include <cmath>
 #include <utility>
 #include <vector>
@@ -61,6 +62,35 @@ inline Norm checked_norm(at::TensorList tensors, double norm_type, const char* o
   check_inf_norm_of_empty(tensors, norm);
   return norm;
 }
+
+// The calling thread's floating-point environment (rounding mode, and the flush-to-zero and
+// denormals-are-zero flags that torch.set_flush_denormal sets), for the pool's threads to work in
+// while they run pieces of the caller's kernel: the flags are per thread and torch sets them on the
+// calling thread only, so without this the bits of a norm under set_flush_denormal(True) depended
+// on which thread reduced which chunk (a denormal fp32 element squares to a double that only DAZ
+// makes 0).
+class CallerFloatingPoint {
+ public:
+  CallerFloatingPoint() { fegetenv(&environment_); }
+
+  // For the lifetime of this object, the current thread works in the caller's environment.
+  class InThisThread {
+   public:
+    explicit InThisThread(const CallerFloatingPoint& caller) {
+      fegetenv(&saved_);
+      fesetenv(&caller.environment_);
+    }
+    ~InThisThread() { fesetenv(&saved_); }
+    InThisThread(const InThisThread&) = delete;
+    InThisThread& operator=(const InThisThread&) = delete;
+
+   private:
+    fenv_t saved_;
+  };
+
+ private:
+  fenv_t environment_;
+};
 
 namespace cpu {
 struct TensorView;

@@ -568,3 +568,32 @@ def test_clip_parameters_norms_while_taking_leave_everything_as_found_where_the_
             assert all(torch.equal(g, e) for g, e in zip(grads, twin)), position
     finally:
         torch.set_num_threads(saved_threads)
+
+
+def test_every_thread_works_in_the_callers_floating_point_environment():
+    """torch.set_flush_denormal(True) sets the flush-to-zero and denormals-are-zero flags on the
+    calling thread only: the pool's threads, which reduce chunks of the operator's kernels and the
+    norms of gradients while clip_parameters takes them, work in the caller's environment, so
+    denormal gradients give the same bits with 1, 2 or 4 threads, as if the caller did it all."""
+    direct = _direct_module()
+    generator = torch.Generator().manual_seed(17)
+    tiny = [torch.rand(10, generator=generator) * 1e-39 for _ in range(3000)]  # denormal fp32 (made before
+    tiny += [torch.rand(300_000, generator=generator) * 1e-39]  # flushing), and several chunks of them
+    assert all(t.count_nonzero() > 0 for t in tiny)
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    saved_threads = torch.get_num_threads()
+    try:
+        results = {}
+        for threads in (1, 2, 4):
+            torch.set_num_threads(threads)
+            grads, twin = [t.clone() for t in tiny], [t.clone() for t in tiny]
+            results[threads] = (direct.clip_parameters(_with_grads(grads), 1e-3, 2.0, False),
+                                torch.ops.fastclip.clip_(twin, 1e-3, 2.0))
+        # on the caller alone, with DAZ every denormal reads as 0
+        assert results[1][0].item() == 0.0 and results[1][1].item() == 0.0
+        for threads, (direct_total, operator_total) in results.items():
+            assert torch.equal(direct_total, results[1][0]) and torch.equal(operator_total, results[1][1]), threads
+    finally:
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(saved_threads)

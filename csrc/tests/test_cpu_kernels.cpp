@@ -120,6 +120,39 @@ void test_variants_and_thread_counts_agree_bitwise() {
   simd::set_active_isa_for_testing(simd::Isa::kAvx512);
 }
 
+// clip_with_norms_from, given the first `known` norms as span_norm computes them (as a caller that
+// reduces while it gathers the tensors does), gives clip()'s bits (total, coefficient, scaled
+// values) for known = 0, in the middle and = count, with empty, one-element and multi-chunk tensors.
+void test_clip_with_norms_from_matches_clip() {
+  std::mt19937 rng(5);
+  std::normal_distribution<float> normal;
+  std::vector<int64_t> sizes = {419, 1, 0, 65536, 37, 200001, 3, 1, 5000};
+  std::vector<std::vector<float>> data;
+  for (int64_t n : sizes) {
+    data.emplace_back(n);
+    for (float& v : data.back()) v = normal(rng);
+  }
+  const int64_t count = static_cast<int64_t>(sizes.size());
+  for (Norm norm : {Norm{NormKind::kL2, 2.0}, Norm{NormKind::kL1, 1.0}, Norm{NormKind::kP, 0.5}}) {
+    std::vector<std::vector<float>> expected_data = data;
+    std::vector<TensorView> expected_views;
+    for (auto& d : expected_data) expected_views.push_back({d.data(), (int64_t)d.size(), DType::kFloat32});
+    const ClipResult expected = clip(expected_views.data(), count, norm, DType::kFloat32, 1e-3, serial, nullptr);
+    for (int64_t known : {int64_t{0}, int64_t{4}, count}) {
+      std::vector<std::vector<float>> got_data = data;
+      std::vector<TensorView> views;
+      for (auto& d : got_data) views.push_back({d.data(), (int64_t)d.size(), DType::kFloat32});
+      std::vector<double> norms(count);
+      for (int64_t t = 0; t < known; ++t) norms[t] = span_norm(views[t].dtype, views[t].data, views[t].numel, norm);
+      const ClipResult got =
+          clip_with_norms_from(views.data(), count, known, norms.data(), norm, DType::kFloat32, 1e-3, threads_parallel_for(3));
+      CHECK(bits_of(got.total_norm) == bits_of(expected.total_norm) && bits_of(got.coefficient) == bits_of(expected.coefficient),
+            "norm kind %d, known %lld: %.17g vs %.17g", (int)norm.kind, (long long)known, got.total_norm, expected.total_norm);
+      CHECK(got_data == expected_data, "norm kind %d, known %lld: scaled values differ", (int)norm.kind, (long long)known);
+    }
+  }
+}
+
 // A large fp32 tensor: the compensated double accumulation stays within 2 ulp of float64's answer
 // computed in long double (torch's own fp32 CPU sum is off by ~0.3% at this size).
 void test_large_tensor_accuracy() {
@@ -392,6 +425,7 @@ void test_clamp_values_every_dtype_and_variant() {
 int main() {
   test_exact_l2_every_dtype_and_variant();
   test_variants_and_thread_counts_agree_bitwise();
+  test_clip_with_norms_from_matches_clip();
   test_large_tensor_accuracy();
   test_inf_norm_propagates_nan();
   test_16_bit_conversions_exhaustive();
