@@ -113,13 +113,18 @@ FUZZ_FINDINGS = {
                                      GradSpec((1023,), torch.float64, "strided", scale=1e-30)], 2.0),
     # p=3 on a large fp64 sum: the cube root costs ~ln(sum) ulp if 1/3 is rounded to double.
     "p=3 fp64 large sum": ([GradSpec((), values="none"), GradSpec((1023,), torch.float64, "strided", scale=1000.0)], 3.0),
+    # p=0.5 over two fp64 tensors of dyadic values: pow()'s roundings summed plainly in 32-term
+    # blocks left the norm 2.2 eps off torch's exact answer (seeds 4, 6 and 28 of 200 failed).
+    "p=0.5 fp64 dyadic pair": ([GradSpec((1024,), torch.float64, values="dyadic")] * 2, 0.5),
 }
+FUZZ_FINDING_SEEDS = {"p=0.5 fp64 dyadic pair": [4, 6, 28]}
 
 
 @pytest.mark.parametrize("finding", list(FUZZ_FINDINGS))
 def test_fuzz_findings(backend, finding):
     specs, norm_type = FUZZ_FINDINGS[finding]
-    check_clip(backend, specs, CLIPPING, norm_type)
+    for seed in FUZZ_FINDING_SEEDS.get(finding, [0]):
+        check_clip(backend, specs, CLIPPING, norm_type, seed=seed)
 
 
 P_NORMS_WITH_A_ROOT = [0.5, 0.75, 3.0]  # neither L1, L2 nor inf: (sum |x|^p)^(1/p)

@@ -169,7 +169,11 @@ inline long double reduce_span(const typename E::Storage* x, int64_t n, double p
   constexpr int kVectors = 4 * kLanes / kWidth;  // 32 accumulators, element j of a step in (j / width, j % width)
   constexpr int64_t kLaneCount = 4 * kLanes;
   constexpr int64_t kStep = kQuads ? 4 * kLaneCount : kLaneCount;  // elements per step
-  constexpr int64_t kBlock = 32 * kStep;
+  // A p-norm's blocks are one step long: each lane then adds every term with compensation. Its
+  // terms are pow() rounded to double, and 32 of them added plainly per block left fp64 0.5-norms
+  // of two 1,024-element gradients up to 2.2 eps off torch's exact answer in 7% of random cases
+  // (E5 allows 2); the compensation costs nothing next to the scalar pow() of each element.
+  constexpr int64_t kBlock = (K == NormKind::kP ? 1 : 32) * kStep;
   constexpr int64_t kLineElements = 64 / sizeof(*x);
   V lanes[kVectors];
   V compensation[kVectors];
