@@ -491,8 +491,8 @@ class alignas(64) NormsWhileTaking {
   // Every other thread: claims and reduces published views until finish(), give_up(), a large
   // gradient, or kMaxIdle without one to claim. Leaving early is always safe (the kernels' pass
   // computes what is missing), and the wait is bounded so that threads spinning where the pool
-  // has more threads than the process has cores do not keep the walker from running: with 8
-  // threads on 2 cores, waiting for as long as the walk took 10,000 gradients 0.9 -> 7.9 ms.
+  // has more threads than the process has cores do not keep the walker from running (8 threads on
+  // 2 cores, 10,000 gradients: 9.96 ms when they waited until the walk ended, 0.88 ms so).
   void compute() {
     const fastclip::cpu::TensorView* const views = views_;
     double* const out = norms.data();
@@ -597,8 +597,10 @@ struct GradientsOf {
       objects.push_back(object);
       if (!THPVariable_CheckExact(object)) return false;
       checks.add(grad);
-      if (norms != nullptr && (!checks.servable || !checks.cpu_views)) norms->give_up();
-      if (norms != nullptr) norms->publish(static_cast<int64_t>(checks.views.size()));
+      if (norms != nullptr) {
+        if (!checks.servable || !checks.cpu_views) norms->give_up();
+        norms->publish(static_cast<int64_t>(checks.views.size()));
+      }
       borrowed.tensors.emplace_back(c10::intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>::reclaim(
           THPVariable_Unpack(object).unsafeGetTensorImpl()));
     }
