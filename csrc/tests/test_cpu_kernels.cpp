@@ -153,6 +153,56 @@ void test_clip_with_norms_from_matches_clip() {
   }
 }
 
+// span_norm (one tensor, as the reduction while taking gradients computes it) gives tensor_norms' bits
+// for every dtype and norm, one chunk or several, with sums beyond float's range and NaN; and a
+// narrow dtype's L2 norm of an exact sum of squares is the float of the double square root, as torch
+// roots its double accumulator (finished in double, not through x87's long double root).
+void test_span_norm_matches_tensor_norms() {
+  std::mt19937 rng(11);
+  std::normal_distribution<float> normal;
+  const Norm norms[] = {{NormKind::kL2, 2.0}, {NormKind::kL1, 1.0}, {NormKind::kInf, INFINITY}, {NormKind::kP, 3.0}};
+  for (DType dtype : {DType::kFloat32, DType::kFloat16, DType::kBFloat16, DType::kFloat64}) {
+    for (int64_t n : {int64_t{2}, int64_t{33}, int64_t{419}, int64_t{65536}, int64_t{65537}, int64_t{200001}}) {
+      for (int special = 0; special < 3; ++special) {  // plain, a huge element (sum beyond float), a NaN
+        std::vector<double> values(n);
+        for (double& v : values) v = normal(rng);
+        if (special == 1) values[n / 2] = 3e19;  // a bf16/fp32 square beyond float's range (fp16: inf)
+        if (special == 2) values[n - 1] = NAN;
+        std::vector<uint64_t> storage(n);  // room for any dtype
+        for (int64_t i = 0; i < n; ++i) {
+          switch (dtype) {
+            case DType::kFloat32: reinterpret_cast<float*>(storage.data())[i] = static_cast<float>(values[i]); break;
+            case DType::kFloat16: reinterpret_cast<uint16_t*>(storage.data())[i] = float_to_fp16(static_cast<float>(values[i])); break;
+            case DType::kBFloat16: reinterpret_cast<uint16_t*>(storage.data())[i] = float_to_bf16(static_cast<float>(values[i])); break;
+            case DType::kFloat64: reinterpret_cast<double*>(storage.data())[i] = values[i]; break;
+          }
+        }
+        const TensorView view{storage.data(), n, dtype};
+        for (Norm norm : norms) {
+          double expected;
+          tensor_norms(&view, 1, norm, serial, &expected);
+          const double got = span_norm(dtype, view.data, n, norm);
+          CHECK(bits_of(got) == bits_of(expected), "dtype %d, n %lld, case %d, norm kind %d: %.17g vs %.17g", (int)dtype,
+                (long long)n, special, (int)norm.kind, got, expected);
+        }
+      }
+    }
+  }
+  std::uniform_int_distribution<int> small(-1023, 1023);
+  for (int trial = 0; trial < 2000; ++trial) {
+    const int64_t n = 2 + trial % 300;
+    std::vector<float> x(n);
+    double sum = 0;  // exact: every square is a multiple of 2^-12 below 2^8, and there are under 2^9
+    for (float& v : x) {
+      v = small(rng) / 64.0f;
+      sum += static_cast<double>(v) * v;
+    }
+    const double got = span_norm(DType::kFloat32, x.data(), n, {NormKind::kL2, 2.0});
+    const double expected = static_cast<float>(std::sqrt(sum));
+    CHECK(bits_of(got) == bits_of(expected), "n %lld: %.17g vs %.17g", (long long)n, got, expected);
+  }
+}
+
 // A large fp32 tensor: the compensated double accumulation stays within 2 ulp of float64's answer
 // computed in long double (torch's own fp32 CPU sum is off by ~0.3% at this size).
 void test_large_tensor_accuracy() {
@@ -426,6 +476,7 @@ int main() {
   test_exact_l2_every_dtype_and_variant();
   test_variants_and_thread_counts_agree_bitwise();
   test_clip_with_norms_from_matches_clip();
+  test_span_norm_matches_tensor_norms();
   test_large_tensor_accuracy();
   test_inf_norm_propagates_nan();
   test_16_bit_conversions_exhaustive();
