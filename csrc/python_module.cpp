@@ -631,7 +631,7 @@ struct GradientsOf {
   // runs after_walk() (the checks that need every gradient), and the caller then joins them, so
   // that neither core waits for the other.
   template <class AfterWalk>
-  bool take_computing_norms(PyObject* parameters, NormsWhileTaking& norms, AfterWalk after_walk) {
+  void take_computing_norms(PyObject* parameters, NormsWhileTaking& norms, AfterWalk after_walk) {
 #if AT_PARALLEL_OPENMP  // thread 0 of an OpenMP team is the calling thread, which holds the GIL
     const int threads = at::get_num_threads();
     if (threads > 1 && !at::in_parallel_region() && PyList_GET_SIZE(parameters) >= kMinimumToShare &&
@@ -661,12 +661,10 @@ struct GradientsOf {
         after_walk();
         norms.compute();
       });
-      return taken;
+      return;
     }
 #endif
-    const bool taken = take(parameters);
-    if (taken) after_walk();
-    return taken;
+    if (take(parameters)) after_walk();
   }
 
   // Fewer parameters are taken in less time than the pool's threads take to wake.
@@ -697,9 +695,12 @@ PyObject* clip_parameters(PyObject* /*module*/, PyObject* const* args, Py_ssize_
   NormsWhileTaking norms(grads.checks.views.data(), fastclip::kernel_norm(norm_type));
   bool served = false;
   const auto check = [&] { served = grads.checks.served(overflow_safe, taken); };
-  // (the overflow-safe norm is not made of per-tensor norms)
-  const bool ok = overflow_safe ? grads.take(args[0]) && (check(), true) : grads.take_computing_norms(args[0], norms, check);
-  if (!ok || !served) Py_RETURN_NOTIMPLEMENTED;
+  if (overflow_safe) {  // (the overflow-safe norm is not made of per-tensor norms)
+    if (grads.take(args[0])) check();
+  } else {
+    grads.take_computing_norms(args[0], norms, check);
+  }
+  if (!served) Py_RETURN_NOTIMPLEMENTED;  // (false too where a gradient was not taken)
   GradientChecks& checks = grads.checks;
   at::Tensor total;
   if (checks.cpu_views_ready(norm_type, overflow_safe)) {
