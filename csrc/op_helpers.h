@@ -101,9 +101,9 @@ at::Tensor clip_cpu(at::TensorList grads, double max_norm, double norm_type, boo
 // clip_cpu (overflow_safe false) of gradients already reduced to the kernels' views, which the
 // caller has checked: at least one, each dense on CPU in a float dtype, none sharing memory with
 // another, none empty for the inf norm; total_type is the promotion of their dtypes. norms has one
-// entry per view, the first `known` of them already computed by cpu::span_norm (the rest are
+// entry per view, the first known.count of them already computed by cpu::span_norm (the rest are
 // computed here).
-at::Tensor clip_views_cpu(const std::vector<cpu::TensorView>& views, int64_t known, double* norms,
+at::Tensor clip_views_cpu(const std::vector<cpu::TensorView>& views, const cpu::KnownNorms& known, double* norms,
                           at::ScalarType total_type, double max_norm, double norm_type);
 at::Tensor total_norm_cpu(at::TensorList tensors, double norm_type, bool overflow_safe);
 void scale_by_cpu(at::TensorList grads, const at::Tensor& coefficients);

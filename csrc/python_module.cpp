@@ -480,7 +480,17 @@ class alignas(64) NormsWhileTaking {
  public:
   NormsWhileTaking(const fastclip::cpu::TensorView* views, fastclip::Norm norm) : views_(views), norm_(norm) {}
 
-  std::vector<double> norms;  // sized by the caller before the threads start: one per view
+  // One per view, sized by prepare(): the norm, and the pool thread (at::get_thread_num()) that
+  // computed it, which then scales the view (cpu::KnownNorms).
+  std::vector<double> norms;
+  std::vector<uint16_t> workers;
+
+  // Before the threads start: room for `views` views, computed by a pool of `threads`.
+  void prepare(int64_t views, int threads) {
+    norms.resize(views);
+    workers.resize(views);
+    threads_ = threads;
+  }
 
   // The walker: views [0, count) are made. Published a block at a time: each store takes the line
   // back from the threads that poll it, which cost about as much as taking a gradient.
@@ -505,6 +515,8 @@ class alignas(64) NormsWhileTaking {
   void compute() {
     const fastclip::cpu::TensorView* const views = views_;
     double* const out = norms.data();
+    uint16_t* const worker_out = workers.data();
+    const auto worker = static_cast<uint16_t>(at::get_thread_num());
     const fastclip::Norm norm = norm_;
     std::chrono::steady_clock::time_point idle_since{};
     int64_t spins = 0;
@@ -529,6 +541,7 @@ class alignas(64) NormsWhileTaking {
       int64_t end = begin + 1;
       while (end < limit && views[end].numel <= fastclip::cpu::kChunkElements) ++end;
       if (!claimed_.compare_exchange_weak(begin, end, std::memory_order_relaxed)) continue;
+      std::fill(worker_out + begin, worker_out + end, worker);
       // In ascending address order, which the prefetchers follow (backward allocates gradients
       // from the last layer to the first, at descending addresses down the list).
       const bool descending = std::less<const void*>()(views[end - 1].data, views[begin].data);
@@ -541,6 +554,11 @@ class alignas(64) NormsWhileTaking {
 
   // How many norms were computed, norms[0, known()); read once every thread has returned.
   int64_t known() const { return claimed_.load(std::memory_order_relaxed); }
+  // The same, with who computed each (for the scaling); nothing where the walk ran alone.
+  fastclip::cpu::KnownNorms known_norms() const {
+    if (known() == 0) return {};
+    return {known(), workers.data(), threads_};
+  }
 
  private:
   static constexpr int64_t kBlock = 32;  // views per claim: ~50 KB of 1.6 KB gradients
@@ -550,6 +568,7 @@ class alignas(64) NormsWhileTaking {
 
   const fastclip::cpu::TensorView* views_;
   fastclip::Norm norm_;
+  int threads_ = 0;
   // On lines of their own: the walker writes published_ and walk_over_, the others claimed_ and stopped_.
   alignas(64) std::atomic<int64_t> published_{0};
   std::atomic<bool> walk_over_{false};
@@ -636,7 +655,7 @@ struct GradientsOf {
     const int threads = at::get_num_threads();
     if (threads > 1 && !at::in_parallel_region() && PyList_GET_SIZE(parameters) >= kMinimumToShare &&
         first_gradient_on_cpu(parameters)) {
-      norms.norms.resize(PyList_GET_SIZE(parameters));
+      norms.prepare(PyList_GET_SIZE(parameters), threads);
       const std::thread::id caller = std::this_thread::get_id();
       const fastclip::CallerFloatingPoint floating_point;  // the caller's, e.g. flush-to-zero
       bool taken = false;
@@ -706,7 +725,7 @@ PyObject* clip_parameters(PyObject* /*module*/, PyObject* const* args, Py_ssize_
   if (checks.cpu_views_ready(norm_type, overflow_safe)) {
     norms.norms.resize(checks.views.size());  // (where the walk ran alone: known() is 0)
     total = without_gil([&] {
-      return fastclip::clip_views_cpu(checks.views, norms.known(), norms.norms.data(), checks.total_type, max_norm, norm_type);
+      return fastclip::clip_views_cpu(checks.views, norms.known_norms(), norms.norms.data(), checks.total_type, max_norm, norm_type);
     });
   } else {
     const auto clip = checks.device.is_cpu() ? &fastclip::clip_cpu : fastclip::cuda_functions().clip;

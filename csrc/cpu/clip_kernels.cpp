@@ -14,6 +14,7 @@
 
 #include "chunks.h"
 #include "float_convert.h"
+#include "pieces.h"
 #include "simd.h"
 
 namespace fastclip::cpu {
@@ -551,17 +552,67 @@ void scale_each(const TensorView* tensors, int64_t count, const double* coeffici
 ClipResult clip(const TensorView* tensors, int64_t count, Norm norm, DType total_dtype, double max_norm,
                 const ParallelFor& parallel_for, double* norms_out) {
   std::vector<double> norms(count);
-  const ClipResult result = clip_with_norms_from(tensors, count, 0, norms.data(), norm, total_dtype, max_norm, parallel_for);
+  const ClipResult result = clip_with_norms_from(tensors, count, KnownNorms{}, norms.data(), norm, total_dtype, max_norm, parallel_for);
   if (norms_out != nullptr) std::copy(norms.begin(), norms.end(), norms_out);
   return result;
 }
 
-ClipResult clip_with_norms_from(const TensorView* tensors, int64_t count, int64_t known, double* norms, Norm norm,
+// scale() of each tensor by the thread that read it (KnownNorms::worker), whole tensors, in
+// ascending address order where the list runs mostly downwards (see parallel_over_chunks). A thread
+// that is done takes pieces from the back of another's share: the threads that read the tensors did
+// not read equal shares (the one that gathered them began late), and on a shared machine they do not
+// run at equal speeds either.
+void scale_by_worker(const TensorView* tensors, const KnownNorms& known, double coefficient, const ParallelFor& parallel_for) {
+  const int workers = known.workers;
+  const auto worker_of = [&](int64_t t) { return std::min<int>(known.worker[t], workers - 1); };  // (every tensor has one)
+  // The tensors grouped by worker, each group in the order to scale it (a counting sort) ...
+  std::vector<int64_t> group_start(workers + 1, 0);
+  for (int64_t t = 0; t < known.count; ++t) ++group_start[worker_of(t) + 1];
+  for (int w = 0; w < workers; ++w) group_start[w + 1] += group_start[w];
+  std::vector<int64_t> order(known.count), next(group_start.begin(), group_start.end() - 1);
+  const bool reversed = small_ones_descending(tensors, known.count);
+  for (int64_t i = 0; i < known.count; ++i) {
+    const int64_t t = reversed ? known.count - 1 - i : i;
+    order[next[worker_of(t)]++] = t;
+  }
+  // ... cut into pieces of about kPieceBytes, which never span two groups: worker w's run of pieces
+  // is [run_start[w], run_start[w + 1]), piece p is order[piece_start[p], piece_start[p + 1]).
+  constexpr int64_t kPieceBytes = 64 * 1024;
+  std::vector<int64_t> piece_start, run_start(workers + 1);
+  for (int w = 0; w < workers; ++w) {
+    run_start[w] = static_cast<int64_t>(piece_start.size());
+    int64_t bytes = kPieceBytes;  // (opens a piece at the group's first tensor)
+    for (int64_t i = group_start[w]; i < group_start[w + 1]; ++i) {
+      if (bytes >= kPieceBytes) {
+        piece_start.push_back(i);
+        bytes = 0;
+      }
+      bytes += tensors[order[i]].numel * static_cast<int64_t>(element_size(tensors[order[i]].dtype));
+    }
+  }
+  run_start[workers] = static_cast<int64_t>(piece_start.size());
+  piece_start.push_back(known.count);
+  StealingRuns runs(run_start.data(), workers);
+  parallel_for(0, workers, 1, [&](int64_t first, int64_t last) {
+    for (int64_t w = first; w < last; ++w)
+      runs.work(static_cast<int>(w), [&](int64_t piece) {
+        for (int64_t i = piece_start[piece]; i < piece_start[piece + 1]; ++i)
+          scale_elements(tensors[order[i]], 0, tensors[order[i]].numel, coefficient);
+      });
+  });
+}
+
+ClipResult clip_with_norms_from(const TensorView* tensors, int64_t count, const KnownNorms& known, double* norms, Norm norm,
                                 DType total_dtype, double max_norm, const ParallelFor& parallel_for) {
-  tensor_norms(tensors + known, count - known, norm, parallel_for, norms + known);
+  tensor_norms(tensors + known.count, count - known.count, norm, parallel_for, norms + known.count);
   const double total = total_norm(norms, count, norm, total_dtype);
   const double coefficient = clip_coefficient(total, max_norm, total_dtype);
-  scale(tensors, count, coefficient, parallel_for);
+  if (known.worker == nullptr || known.workers < 1) {
+    scale(tensors, count, coefficient, parallel_for);
+  } else if (coefficient != 1.0) {  // each part by the threads that read it: the rest over the same chunks as its norms
+    scale_by_worker(tensors, known, coefficient, parallel_for);
+    scale(tensors + known.count, count - known.count, coefficient, parallel_for);
+  }
   return {total, coefficient};
 }
 

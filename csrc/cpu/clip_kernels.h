@@ -77,10 +77,20 @@ struct ClipResult {
 ClipResult clip(const TensorView* tensors, int64_t count, Norm norm, DType total_dtype, double max_norm,
                 const ParallelFor& parallel_for, double* norms_out);
 
-// clip() where the norms of the first `known` tensors are already in norms[0, known), each as
-// span_norm gives it (the same bits as tensor_norms): the rest go to norms[known, count). For a
-// caller that computes norms while it is still gathering the tensors.
-ClipResult clip_with_norms_from(const TensorView* tensors, int64_t count, int64_t known, double* norms, Norm norm,
+// Norms that a caller computed while it was still gathering the tensors: those of the first `count`
+// tensors, each as span_norm gives it (the same bits as tensor_norms). If `worker` is not null,
+// worker[t] < workers names the thread that read tensor t, as the index k of the piece [k, k + 1)
+// that parallel_for(0, workers, 1, ...) runs on that thread: the same thread then scales it, from
+// its own caches.
+struct KnownNorms {
+  int64_t count = 0;
+  const uint16_t* worker = nullptr;
+  int workers = 0;
+};
+
+// clip() where norms[0, known.count) are already computed (KnownNorms): the rest go to
+// norms[known.count, count).
+ClipResult clip_with_norms_from(const TensorView* tensors, int64_t count, const KnownNorms& known, double* norms, Norm norm,
                                 DType total_dtype, double max_norm, const ParallelFor& parallel_for);
 
 }  // namespace fastclip::cpu

@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <cstring>
 #include <algorithm>
+#include <chrono>
 #include <functional>
 #include <random>
 #include <string>
@@ -16,6 +17,7 @@
 
 #include "../cpu/clip_kernels.h"
 #include "../cpu/float_convert.h"
+#include "../cpu/pieces.h"
 #include "../cpu/simd.h"
 #include "../cpu/value_clip_kernels.h"
 
@@ -138,17 +140,24 @@ void test_clip_with_norms_from_matches_clip() {
     std::vector<TensorView> expected_views;
     for (auto& d : expected_data) expected_views.push_back({d.data(), (int64_t)d.size(), DType::kFloat32});
     const ClipResult expected = clip(expected_views.data(), count, norm, DType::kFloat32, 1e-3, serial, nullptr);
+    // Workers that computed the known norms: none given, one per tensor in turn (as many as the
+    // pool has threads, or more than the 3 given: the last one takes the rest).
+    const std::vector<uint16_t> in_turn = {0, 1, 2, 0, 1, 2, 0, 1, 2}, beyond = {0, 7, 1, 9, 2, 2, 5, 0, 1};
     for (int64_t known : {int64_t{0}, int64_t{4}, count}) {
-      std::vector<std::vector<float>> got_data = data;
-      std::vector<TensorView> views;
-      for (auto& d : got_data) views.push_back({d.data(), (int64_t)d.size(), DType::kFloat32});
-      std::vector<double> norms(count);
-      for (int64_t t = 0; t < known; ++t) norms[t] = span_norm(views[t].dtype, views[t].data, views[t].numel, norm);
-      const ClipResult got =
-          clip_with_norms_from(views.data(), count, known, norms.data(), norm, DType::kFloat32, 1e-3, threads_parallel_for(3));
-      CHECK(bits_of(got.total_norm) == bits_of(expected.total_norm) && bits_of(got.coefficient) == bits_of(expected.coefficient),
-            "norm kind %d, known %lld: %.17g vs %.17g", (int)norm.kind, (long long)known, got.total_norm, expected.total_norm);
-      CHECK(got_data == expected_data, "norm kind %d, known %lld: scaled values differ", (int)norm.kind, (long long)known);
+      for (const std::vector<uint16_t>* workers : {static_cast<const std::vector<uint16_t>*>(nullptr), &in_turn, &beyond}) {
+        std::vector<std::vector<float>> got_data = data;
+        std::vector<TensorView> views;
+        for (auto& d : got_data) views.push_back({d.data(), (int64_t)d.size(), DType::kFloat32});
+        std::vector<double> norms(count);
+        for (int64_t t = 0; t < known; ++t) norms[t] = span_norm(views[t].dtype, views[t].data, views[t].numel, norm);
+        const KnownNorms known_norms{known, workers ? workers->data() : nullptr, workers ? 3 : 0};
+        const ClipResult got = clip_with_norms_from(views.data(), count, known_norms, norms.data(), norm, DType::kFloat32,
+                                                    1e-3, threads_parallel_for(3));
+        CHECK(bits_of(got.total_norm) == bits_of(expected.total_norm) && bits_of(got.coefficient) == bits_of(expected.coefficient),
+              "norm kind %d, known %lld: %.17g vs %.17g", (int)norm.kind, (long long)known, got.total_norm, expected.total_norm);
+        CHECK(got_data == expected_data, "norm kind %d, known %lld, workers %s: scaled values differ", (int)norm.kind,
+              (long long)known, workers == nullptr ? "none" : workers == &in_turn ? "in turn" : "beyond");
+      }
     }
   }
 }
@@ -472,6 +481,55 @@ void test_clamp_values_every_dtype_and_variant() {
   simd::set_active_isa_for_testing(simd::Isa::kAvx512);
 }
 
+// StealingRuns hands every piece to exactly one thread; a thread takes its own run first, in
+// ascending order, then only pieces from the backs of other runs (descending within each). Thread 0
+// sleeps at each of its pieces in the second half of the cases, so that the others steal from it.
+void test_stealing_runs_hand_out_each_piece_once() {
+  for (int threads : {1, 2, 3, 8}) {
+    for (int64_t pieces : {0, 1, 2, 7, 64, 1000}) {
+      for (bool slow_first : {false, true}) {
+        StealingRuns runs(pieces, threads);
+        std::vector<std::vector<int64_t>> taken(threads);
+        std::vector<std::thread> pool;
+        for (int t = 0; t < threads; ++t)
+          pool.emplace_back([&, t] {
+            runs.work(t, [&](int64_t piece) {
+              taken[t].push_back(piece);
+              if (slow_first && t == 0) std::this_thread::sleep_for(std::chrono::microseconds(50));
+            });
+          });
+        for (auto& thread : pool) thread.join();
+        std::vector<int> times(pieces, 0);
+        for (int t = 0; t < threads; ++t) {
+          const int64_t own_front = pieces * t / threads, own_back = pieces * (t + 1) / threads;
+          size_t k = 0;
+          for (int64_t expected = own_front; k < taken[t].size() && taken[t][k] >= own_front && taken[t][k] < own_back; ++k, ++expected)
+            CHECK(taken[t][k] == expected, "threads %d pieces %lld: thread %d took %lld of its run, expected %lld", threads,
+                  (long long)pieces, t, (long long)taken[t][k], (long long)expected);
+          std::vector<int64_t> last_stolen(threads, pieces);  // per run this thread stole from
+          for (; k < taken[t].size(); ++k) {  // stolen: from the other runs, each one's from its back
+            const int64_t piece = taken[t][k];
+            int run = 0;
+            while (run + 1 < threads && piece >= pieces * (run + 1) / threads) ++run;
+            CHECK(run != t, "threads %d pieces %lld: thread %d took own piece %lld after stealing", threads,
+                  (long long)pieces, t, (long long)piece);
+            CHECK(piece < last_stolen[run], "threads %d pieces %lld: thread %d stole %lld after %lld from run %d",
+                  threads, (long long)pieces, t, (long long)piece, (long long)last_stolen[run], run);
+            last_stolen[run] = piece;
+          }
+          for (int64_t piece : taken[t]) {
+            CHECK(piece >= 0 && piece < pieces, "piece %lld out of range", (long long)piece);
+            if (piece >= 0 && piece < pieces) ++times[piece];
+          }
+        }
+        for (int64_t piece = 0; piece < pieces; ++piece)
+          CHECK(times[piece] == 1, "threads %d pieces %lld: piece %lld taken %d times", threads, (long long)pieces,
+                (long long)piece, times[piece]);
+      }
+    }
+  }
+}
+
 int main() {
   test_exact_l2_every_dtype_and_variant();
   test_variants_and_thread_counts_agree_bitwise();
@@ -486,6 +544,7 @@ int main() {
   test_overflow_safe_norm();
   test_inf_element_gives_inf();
   test_clamp_values_every_dtype_and_variant();
+  test_stealing_runs_hand_out_each_piece_once();
   std::printf("%s (best variant on this CPU: %s)\n", failures == 0 ? "all CPU kernel tests passed" : "FAILURES",
               simd::isa_name(simd::set_active_isa_for_testing(simd::Isa::kAvx512)));
   return failures == 0 ? 0 : 1;
