@@ -276,6 +276,12 @@ inline void scale_span(void* data, int64_t n, double coefficient) {
   auto* x = static_cast<typename E::Storage*>(data);
   const auto c = static_cast<typename E::Math>(coefficient);
   int64_t i = 0;
+#if FASTCLIP_X86_VARIANTS
+  if constexpr (I == Isa::kAvx512 && std::is_same_v<E, simd::BF16>)
+    for (; i + 4 * kLanes <= n; i += 4 * kLanes) simd::scale32_bf16_avx512(x + i, c);
+  if constexpr (I == Isa::kAvx512 && std::is_same_v<E, simd::F16>)
+    for (; i + 4 * kLanes <= n; i += 4 * kLanes) simd::scale32_fp16_avx512(x + i, c);
+#endif
   for (; i + 2 * kLanes <= n; i += 2 * kLanes) E::template scale16<I>(x + i, c);
   for (; i + kLanes <= n; i += kLanes) E::template store8<I>(x + i, E::template load8<I>(x + i) * c);
   for (; i < n; ++i) x[i] = E::store(E::load(x[i]) * c);

@@ -129,6 +129,40 @@ __attribute__((target("arch=x86-64-v3"))) inline void scale16_bf16_avx2(uint16_t
   const __m256i high_bits = float_to_bf16_lanes_avx2(reinterpret_cast<f32x8>(_mm256_mul_ps(high, coefficient)));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_packus_epi32(low_bits, high_bits));
 }
+// Thirty-two elements at once with AVX-512: the same operations on 512-bit registers, which halves
+// the instructions per byte. Scaling 16-bit gradients is bound by them, not by memory: one core
+// scaled 512 KiB of bf16 in its L2 at 24 GB/s with the sixteen-wide code, fp32 at 117 GB/s (AMD
+// EPYC). unpack and pack work within 128-bit lanes, so the order argument of scale16_bf16_avx2
+// holds per lane. The zero-masked forms (all lanes kept) because the plain ones start from
+// _mm512_undefined_*(), which trips GCC 12's -Wmaybe-uninitialized (see widen_avx512).
+__attribute__((target("arch=x86-64-v4"))) inline __m512i float_to_bf16_lanes_avx512(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_maskz_srli_epi32(0xFFFF, bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded =
+      _mm512_maskz_srli_epi32(0xFFFF, _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7FFF)), odd), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  return _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC0));
+}
+__attribute__((target("arch=x86-64-v4"))) inline void scale32_bf16_avx512(uint16_t* p, float c) {
+  const __m512i packed = _mm512_loadu_si512(p);
+  const __m512 low = _mm512_castsi512_ps(_mm512_unpacklo_epi16(_mm512_setzero_si512(), packed));
+  const __m512 high = _mm512_castsi512_ps(_mm512_unpackhi_epi16(_mm512_setzero_si512(), packed));
+  const __m512 coefficient = _mm512_set1_ps(c);
+  const __m512i low_bits = float_to_bf16_lanes_avx512(_mm512_mul_ps(low, coefficient));
+  const __m512i high_bits = float_to_bf16_lanes_avx512(_mm512_mul_ps(high, coefficient));
+  _mm512_storeu_si512(p, _mm512_packus_epi32(low_bits, high_bits));
+}
+__attribute__((target("arch=x86-64-v4"))) inline void scale32_fp16_avx512(uint16_t* p, float c) {
+  const __m256i first = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m256i second = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16));
+  const __m512 coefficient = _mm512_set1_ps(c);
+  const __m512 low = _mm512_mul_ps(_mm512_maskz_cvtph_ps(0xFFFF, first), coefficient);
+  const __m512 high = _mm512_mul_ps(_mm512_maskz_cvtph_ps(0xFFFF, second), coefficient);
+  const __m256i a = _mm512_maskz_cvtps_ph(0xFFFF, low, _MM_FROUND_TO_NEAREST_INT);
+  const __m256i b = _mm512_maskz_cvtps_ph(0xFFFF, high, _MM_FROUND_TO_NEAREST_INT);
+  store_vector(p, canonical_fp16_nan<u16x16, i16x16>(reinterpret_cast<u16x16>(a)));
+  store_vector(p + 16, canonical_fp16_nan<u16x16, i16x16>(reinterpret_cast<u16x16>(b)));
+}
 // bf16 to float is a 16-bit shift: one zero-extension and one shift on AVX2, where GCC's lowering of
 // the generic u16x8 -> u32x8 conversion costs several shuffles per eight elements.
 __attribute__((target("arch=x86-64-v3"))) inline f32x8 bf16_to_float_avx2(u16x8 h) {
