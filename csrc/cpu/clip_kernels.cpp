@@ -563,6 +563,8 @@ ClipResult clip(const TensorView* tensors, int64_t count, Norm norm, DType total
   return result;
 }
 
+namespace {
+
 // scale() of each tensor by the thread that read it (KnownNorms::worker), whole tensors, in
 // ascending address order where the list runs mostly downwards (see parallel_over_chunks). A thread
 // that is done takes pieces from the back of another's share: the threads that read the tensors did
@@ -607,6 +609,8 @@ void scale_by_worker(const TensorView* tensors, const KnownNorms& known, double 
       });
   });
 }
+
+}  // namespace
 
 ClipResult clip_with_norms_from(const TensorView* tensors, int64_t count, const KnownNorms& known, double* norms, Norm norm,
                                 DType total_dtype, double max_norm, const ParallelFor& parallel_for) {
