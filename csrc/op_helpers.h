@@ -94,6 +94,7 @@ class CallerFloatingPoint {
 
 namespace cpu {
 struct TensorView;
+struct KnownNorms;
 }
 
 // The CPU operators' functions that fastclip._C's direct entries call (fastclip_ops.cpp).
