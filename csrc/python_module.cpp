@@ -19,6 +19,7 @@
 #include <thread>
 #include <vector>
 
+#include "cpu/chunks.h"
 #include "cpu/clip_kernels.h"
 #include "op_helpers.h"
 
@@ -463,6 +464,17 @@ inline void spin_pause() {
 #endif
 }
 
+// Requests the first lines of a view's elements, at most kPrefetchBytes. NormsWhileTaking asks for
+// the next gradient's before it reduces one: a small gradient is over before the hardware
+// prefetchers pick up its stream, so its lines came one latency at a time (no clipping, in-process,
+// alternating, AMD EPYC: 10,000 x 1.6 KB fp32 -10 to -14%, allocated by backward -8 to -11%, bf16
+// -4 to -11%; 2,000 x 32 KB within 2%). Prefetches never fault.
+inline void prefetch_first_lines(const fastclip::cpu::TensorView& view) {
+  constexpr int64_t kPrefetchBytes = 2048;
+  const int64_t bytes = std::min<int64_t>(view.numel * static_cast<int64_t>(fastclip::cpu::element_size(view.dtype)), kPrefetchBytes);
+  for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(static_cast<const char*>(view.data) + offset);
+}
+
 // The norms of gradients computed by the pool's other threads while the calling thread is still
 // taking them: taking needs the GIL, which only the calling thread holds, and on 10,000 gradients
 // of 1.6 KB it costs about as much as reading them, while the other cores sat idle. The walker
@@ -547,6 +559,7 @@ class alignas(64) NormsWhileTaking {
       const bool descending = std::less<const void*>()(views[end - 1].data, views[begin].data);
       for (int64_t k = 0; k < end - begin; ++k) {
         const fastclip::cpu::TensorView& view = views[descending ? end - 1 - k : begin + k];
+        if (k + 1 < end - begin) prefetch_first_lines(views[descending ? end - 2 - k : begin + k + 1]);
         out[&view - views] = fastclip::cpu::span_norm(view.dtype, view.data, view.numel, norm);
       }
     }
