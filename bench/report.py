@@ -11,10 +11,10 @@ import os
 import re
 import statistics
 
+from bench import limits
 from bench.workloads import MIB, Workload
 
 BASELINE = "torch default"
-LIMIT_NAMES = ("one read", "read + write")
 GRADIENT_LIST = "gradient list"  # building [p.grad for p in params], timed by bench.run
 MANY_TENSORS = 1000  # from this many tensors on, a no-clip target also reports the read + list limit
 
@@ -43,9 +43,15 @@ class Result:
         """One read without clipping; two reads and a write with it."""
         return self.workload.nbytes * (1 if step == "no clip" else 3)
 
+    def limit(self, step: str) -> float:
+        """Seconds of the step's limit: one read without clipping, a read and an in-place multiply
+        with it (see bench/limits.py)."""
+        if step == "no clip":
+            return limits.one_read(lambda name: self.median(name, "no clip"))
+        return limits.read_and_write(lambda name: self.median(name, "no clip" if name in limits.READS else "clip"))
+
     def percent_of_limit(self, name: str, step: str) -> float:
-        limit = LIMIT_NAMES[0] if step == "no clip" else LIMIT_NAMES[1]
-        return 100 * self.median(limit, step) / self.median(name, step)
+        return 100 * self.limit(step) / self.median(name, step)
 
     def speedup(self, name: str, step: str) -> float:
         return self.median(BASELINE, step) / self.median(name, step)
@@ -55,7 +61,7 @@ class Result:
         gradients (None where the list was not timed)."""
         if (GRADIENT_LIST, "no clip") not in self.samples:
             return None
-        return self.median(LIMIT_NAMES[0], "no clip") + self.median(GRADIENT_LIST, "no clip")
+        return self.limit("no clip") + self.median(GRADIENT_LIST, "no clip")
 
 
 # Per issue, (description, workload, step, measure, threshold): the CPU targets, set for the 2-core
@@ -92,7 +98,8 @@ def markdown(results: list[Result], host_overhead: tuple[str, int, float] | None
     lines = [
         f"Ratios are `{BASELINE}` (torch.nn.utils.clip_grad_norm_ as users call it) time / provider time. "
         "\"% of limit\" compares the best fastclip kernel with this machine's streaming speed over the same "
-        "bytes in the same run (one read without clipping; read + in-place multiply with it).\n",
+        "bytes in the same run, on a flat buffer restored before every run as the gradients are (one read, the "
+        "faster of a sum and a dot, without clipping; that read plus an in-place multiply with it).\n",
         "| workload | tensors | MiB | step | torch ms (p20-p80) | " + " | ".join(f"x {p}" for p in others)
         + " | best fastclip GB/s | % of limit |",
         "|---|---|---|---|---|" + "---|" * len(others) + "---|---|",
@@ -152,7 +159,7 @@ def _read_and_list_note(r: Result, best: str, step: str) -> str:
     if step != "no clip" or r.workload.count < MANY_TENSORS or limit is None:
         return ""
     torch_seconds = r.median(BASELINE, step)
-    read = r.median(LIMIT_NAMES[0], step)
+    read = r.limit(step)
     return (f" (one read + building the gradient list: {limit * 1e3:.3f} ms, {torch_seconds / limit:.2f}x "
             f"torch; fastclip at {100 * limit / r.median(best, step):.0f}% of it; one read alone: "
             f"{read * 1e3:.3f} ms, {torch_seconds / read:.2f}x torch)")
@@ -174,10 +181,9 @@ def save(results: list[Result], markdown_text: str, machine: str, preset: str, d
             for name in [*r.providers()]:
                 for step in ("no clip", "clip"):
                     p20, p80 = r.quantiles(name, step)
-                    limit = LIMIT_NAMES[0] if step == "no clip" else LIMIT_NAMES[1]
                     writer.writerow([today, machine, preset, r.workload.name, r.workload.group, r.workload.dtype_label,
                                      r.workload.count, r.workload.nbytes, name, step, r.median(name, step), p20, p80,
-                                     r.median(limit, step)])
+                                     r.limit(step)])
     md_path = os.path.join(directory, f"{slug}.md")
     with open(md_path, "w") as f:
         f.write(markdown_text)

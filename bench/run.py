@@ -7,9 +7,10 @@ the norm it returned), then timed, interleaved (the provider order rotates each 
 noise hit all alike), after two warm-up rounds, for a step that does not clip (max_norm huge) and
 one that does (gradients are restored from a copy before every run, outside the timed region, so
 every clipping run clips). On CUDA the L2 cache is flushed before each timed run. The machine's own
-limit is measured in the same rounds on a flat buffer of the same bytes: one read (a sum) for the
-no-clip step, one read plus an in-place multiply for the clip step; building the list of gradients
-is timed too, as the many-tensor targets count it in their limit.
+limit is measured in the same rounds on a flat buffer of the same bytes, restored before every run
+as the gradients are (bench/limits.py): one read (the faster of a sum and a dot) for the no-clip
+step, one read plus an in-place multiply for the clip step; building the list of gradients is timed
+too, as the many-tensor targets count it in their limit.
 
 Usage: python -m bench.run [--preset quick|full] [--repeats N] [--workload SUBSTRING] [--device D]
 """
@@ -28,7 +29,7 @@ from tqdm import tqdm
 
 import fastclip
 
-from bench import report
+from bench import limits, report
 from bench.providers import gradient_list, is_fastclip_or_torch, providers
 from bench.workloads import Workload, make_grads, preset
 
@@ -38,7 +39,8 @@ STEPS = (("no clip", NO_CLIP), ("clip", CLIP))
 # same restore as every provider's run, so with the same cache state): with thousands of tensors it is
 # part of what any clip must do, and the many-tensor targets add it to the read.
 GRADIENT_LIST = report.GRADIENT_LIST
-LIMIT_STEP = {"one read": "no clip", "read + write": "clip", GRADIENT_LIST: "no clip"}  # the step each is timed in
+# The step each limit's pass is timed in.
+LIMIT_STEP = {**{name: "no clip" for name in limits.READS}, limits.MULTIPLY: "clip", GRADIENT_LIST: "no clip"}
 WARMUP_ROUNDS = 2
 
 
@@ -115,26 +117,24 @@ def bench_workload(workload: Workload, device: str, repeats: int, timer: Timer, 
     grads = make_grads(workload.spec, device, workload.backward_order)
     params = parameters_for(grads)
     pristine = [g.clone() for g in grads]
-    flat = torch.empty(workload.nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    streaming = limits.StreamingLimits(workload.nbytes, device)
     table = providers(device)
     restore = lambda: torch._foreach_copy_(grads, pristine)  # noqa: E731
     failures = check_providers(table, grads, pristine, params, restore)
     for name in failures:
         del table[name]
-    limits = {"one read": lambda: flat.sum(), "read + write": lambda: (flat.sum(), flat.mul_(1.0)),
-              GRADIENT_LIST: lambda: gradient_list(params)}
+    passes = {**streaming.passes(), GRADIENT_LIST: lambda: gradient_list(params)}
     samples: dict[tuple[str, str], list[float]] = {}
-    names = list(table) + list(limits)
+    names = list(table) + list(passes)
     for round_index in range(repeats + WARMUP_ROUNDS):
         order = names[round_index % len(names):] + names[: round_index % len(names)]
         for name in order:
             for step, max_norm in STEPS:
-                if name in limits:
+                if name in passes:
                     if LIMIT_STEP[name] != step:
                         continue
-                    if name == GRADIENT_LIST:
-                        restore()
-                    seconds = timer(limits[name])
+                    restore() if name == GRADIENT_LIST else streaming.restore()
+                    seconds = timer(passes[name])
                 else:
                     restore()
                     seconds = timer(lambda: table[name](params, max_norm))
