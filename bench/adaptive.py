@@ -10,8 +10,9 @@ same gradients, within the reference's own error (its norm is torch's float32 on
 be 1e-3 off on large tensors, e.g. GPT-2's embedding gradient; fastclip's is float64-accumulated), or
 1e-6 relative where that is smaller than a rounding. Runs are interleaved after
 two warm-up rounds, gradients restored before each run outside the timed region; medians. The limit
-is this machine's streaming speed over the same bytes, timed in the same rounds: one read, or a read
-and an in-place write when every gradient is scaled.
+is this machine's streaming speed over the same bytes, timed in the same rounds on a flat buffer
+restored before each pass as the gradients are (bench/limits.py): one read (the faster of a sum and a
+dot), or one in-place multiply (a read and a write) when every gradient is scaled.
 
 Usage: python -m bench.adaptive [--repeats N] [--device D] [--out DIR]
 """
@@ -24,11 +25,12 @@ import torch
 
 import fastclip
 from bench.run import Timer, parameters_for
+from bench import limits
 from bench.timing import median_times, ratio_table, run_and_save
 from bench.workloads import MIB, gpt2_shapes, llama_shapes, make_grads, with_dtype
 
 STEPS = ("no clip", "clips")
-LIMITS = {"no clip": "one read", "clips": "read + write"}
+LIMITS = {"no clip": limits.one_read, "clips": limits.multiply_in_place}
 WARMUP_STEPS = 25  # ZClip's default: steps that only collect norms
 WORKLOADS = {
     "gpt2-124m fp32": with_dtype(gpt2_shapes(), torch.float32),
@@ -92,17 +94,16 @@ def bench_workload(spec, device: str, repeats: int, timer: Timer, progress) -> d
             for g, e in zip(got, expected):
                 torch.testing.assert_close(g, e, rtol=tolerance, atol=0, msg=lambda m: f"{name}, {step}: {m}")
     nbytes = sum(g.numel() * g.element_size() for g in grads)
-    flat = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
-    limits = {"one read": lambda: flat.sum(), "read + write": lambda: flat.mul_(1.0)}
+    streaming = limits.StreamingLimits(nbytes, device)
 
     names = list(tables["no clip"])
-    medians = median_times(STEPS, limits, LIMITS, names, lambda: torch._foreach_copy_(grads, pristine),
+    medians = median_times(STEPS, streaming, LIMITS, names, lambda: torch._foreach_copy_(grads, pristine),
                            lambda name, step: lambda: tables[step][name](params, module), timer, repeats, progress)
     return {"medians": medians, "providers": names, "nbytes": nbytes, "count": len(grads)}
 
 
 def markdown(results: dict[str, dict]) -> str:
-    return ratio_table(results, STEPS, LIMITS, "zclip (reference)",
+    return ratio_table(results, STEPS, "zclip (reference)",
                        lambda r: f"{r['count']} tensors, {r['nbytes'] / MIB:.0f} MiB")
 
 

@@ -5,8 +5,9 @@ timm's function is loaded from the installed timm's own file (``timm/utils/agc.p
 itself needs torchvision). Every provider is first checked against timm (same units clipped, values
 within 1e-5 relative: the norms differ in their last bits). Runs are interleaved after two warm-up
 rounds, gradients restored before each run outside the timed region; medians. The limit is this
-machine's streaming speed over the same bytes, timed in the same rounds: reading the parameters and
-the gradients, plus writing the gradients where every unit clips.
+machine's streaming speed over the same bytes, timed in the same rounds on flat buffers restored
+before each pass as the gradients are (bench/limits.py): reading the parameters and the gradients,
+plus writing the gradients where every unit clips.
 
 Usage: python -m bench.agc [--repeats N] [--out DIR]
 """
@@ -20,6 +21,7 @@ import os
 import torch
 
 import fastclip
+from bench import limits
 from bench.run import Timer
 from bench.timing import median_times, ratio_table, run_and_save
 from bench.workloads import MIB, gpt2_shapes, make_grads, resnet50_shapes, with_dtype
@@ -27,11 +29,36 @@ from bench.workloads import MIB, gpt2_shapes, make_grads, resnet50_shapes, with_
 # Gradients ~1e-3 (make_grads) against parameters ~0.1: no unit clips at clip_factor 1, every unit
 # at 1e-4.
 STEPS = {"no unit clips": 1.0, "every unit clips": 1e-4}
-LIMIT_OF = {"no unit clips": "reads", "every unit clips": "reads + write"}
 WORKLOADS = {
     "resnet-50 fp32": with_dtype(resnet50_shapes(), torch.float32),
     "gpt2-124m fp32": with_dtype(gpt2_shapes(), torch.float32),
 }
+
+
+class ParameterAndGradientLimits:
+    """Streaming passes over two flat buffers, of the parameters' bytes and of the gradients' (as
+    :class:`bench.limits.StreamingLimits`; the reads of each, the gradients' multiply)."""
+
+    def __init__(self, param_bytes: int, grad_bytes: int, device: str):
+        self.params = limits.StreamingLimits(param_bytes, device)
+        self.grads = limits.StreamingLimits(grad_bytes, device)
+
+    def passes(self) -> dict:
+        reads = {f"parameters: {name}": fn for name, fn in self.params.passes().items() if name in limits.READS}
+        return {**reads, **{f"gradients: {name}": fn for name, fn in self.grads.passes().items()}}
+
+    def restore(self) -> None:
+        self.params.restore()
+        self.grads.restore()
+
+
+def _read(median, buffer: str) -> float:
+    return limits.one_read(lambda name: median(f"{buffer}: {name}"))
+
+
+# Reading the parameters and the gradients; plus writing the gradients where every unit clips.
+LIMIT_OF = {"no unit clips": lambda median: _read(median, "parameters") + _read(median, "gradients"),
+            "every unit clips": lambda median: _read(median, "parameters") + median(f"gradients: {limits.MULTIPLY}")}
 
 
 def timm_adaptive_clip_grad():
@@ -74,17 +101,15 @@ def bench_workload(spec, device: str, repeats: int, timer: Timer, progress) -> d
                 torch.testing.assert_close(g, e, rtol=1e-5, atol=0, msg=lambda m: f"{name}, {step}: {m}")
     param_bytes = sum(p.numel() * p.element_size() for p in params)
     grad_bytes = sum(g.numel() * g.element_size() for g in grads)
-    flat_p = torch.empty(param_bytes // 4).uniform_()
-    flat_g = torch.empty(grad_bytes // 4).uniform_()
-    limits = {"reads": lambda: (flat_p.sum(), flat_g.sum()), "reads + write": lambda: (flat_p.sum(), flat_g.mul_(1.0))}
+    streaming = ParameterAndGradientLimits(param_bytes, grad_bytes, "cpu")
 
-    medians = median_times(STEPS, limits, LIMIT_OF, table, lambda: torch._foreach_copy_(grads, pristine),
+    medians = median_times(STEPS, streaming, LIMIT_OF, table, lambda: torch._foreach_copy_(grads, pristine),
                            lambda name, step: lambda: table[name](params, STEPS[step]), timer, repeats, progress)
     return {"medians": medians, "providers": list(table), "count": len(grads), "bytes": param_bytes + grad_bytes}
 
 
 def markdown(results: dict[str, dict]) -> str:
-    return ratio_table(results, STEPS, LIMIT_OF, "timm",
+    return ratio_table(results, STEPS, "timm",
                        lambda r: f"{r['count']} tensors, {r['bytes'] / MIB:.0f} MiB of parameters and gradients")
 
 

@@ -14,8 +14,9 @@ Before timing, every provider's gradients after one step of each kind are checke
 The gradients are restored before every run, outside the timed region, so every clipping run clips.
 Runs are interleaved (the provider order rotates every round) after two warm-up rounds; the table
 gives medians. The limit is the memory traffic no path can avoid, timed in the same rounds on a flat
-buffer of the gradients' size: the norm's read plus AdamW's step (reads parameters, gradients and two
-moments, writes three of them) = 2 reads + 3 read-and-writes of that buffer.
+buffer of the gradients' size, restored before each pass as the gradients are (bench/limits.py): the
+norm's read plus AdamW's step (reads parameters, gradients and two moments, writes three of them) =
+2 reads (the faster of a sum and a dot) + 3 in-place multiplies of that buffer.
 
 Usage: python -m bench.optim_step [--repeats N] [--workload SUBSTRING] [--device D] [--out DIR]
 """
@@ -28,6 +29,7 @@ import statistics
 import torch
 
 import fastclip
+from bench import limits
 from bench.run import Timer, reference_norm
 from bench.timing import interleaved_samples, run_and_save
 from bench.workloads import MIB, gpt2_shapes, make_grads, resnet50_shapes, with_dtype
@@ -125,21 +127,23 @@ def bench_workload(spec, device: str, repeats: int, timer: Timer, progress) -> d
     table = providers(optimizer, params, skip)
     check_providers(table, grads, pristine, device)
     nbytes = sum(g.numel() * g.element_size() for g in grads)
-    flat = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
-    limits = {"one read": lambda: flat.sum(), "read + write": lambda: flat.mul_(1.0)}
+    streaming = limits.StreamingLimits(nbytes, device)
+    passes = streaming.passes()
 
     def measure(name):
-        if name in limits:
-            yield "limit", timer(limits[name])
+        if name in passes:
+            streaming.restore()
+            yield "limit", timer(passes[name])
             return
         for clips, scaled in STEP_KINDS:
             scaler = new_scaler(device, scaled)
             torch._foreach_copy_(grads, pristine[scaled])
             yield kind_name(clips, scaled), timer(lambda: table[name](CLIP if clips else NO_CLIP, scaler))
 
-    samples = interleaved_samples(list(table) + list(limits), measure, repeats, progress)
+    samples = interleaved_samples(list(table) + list(passes), measure, repeats, progress)
     medians = {key: statistics.median(v) for key, v in samples.items()}
-    medians["limit"] = 2 * medians[("one read", "limit")] + 3 * medians[("read + write", "limit")]
+    pass_median = lambda name: medians[(name, "limit")]  # noqa: E731
+    medians["limit"] = 2 * limits.one_read(pass_median) + 3 * limits.multiply_in_place(pass_median)
     return {"medians": medians, "providers": list(table), "nbytes": nbytes, "count": len(grads)}
 
 

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 import torch
 from tqdm import tqdm
 
+from bench.limits import StreamingLimits
 from bench.run import WARMUP_ROUNDS, Timer, device_description
 
 
@@ -38,39 +39,45 @@ def interleaved_samples(names: list[str], measure: Callable[[str], Iterable[tupl
     return samples
 
 
-def median_times(steps: Iterable[str], limits: dict[str, Callable], limit_of: dict[str, str], providers: Iterable[str],
+def median_times(steps: Iterable[str], streaming: StreamingLimits, limit_of: dict[str, Callable], providers: Iterable[str],
                  restore: Callable[[], None], run: Callable[[str, str], Callable], timer, repeats: int,
                  progress) -> dict[tuple[str, str], float]:
     """Median seconds of every provider on every step, and of each step's limit, interleaved.
 
     Args:
         steps: the kinds of step, in order.
-        limits: the machine's limits by name: functions streaming the same bytes (a read, a read and
-            a write...).
-        limit_of: the name of each step's limit.
+        streaming: the machine's streaming passes over a flat buffer of the same bytes
+            (:class:`bench.limits.StreamingLimits`, or anything with its ``passes()`` and
+            ``restore()``), each timed once a round after the buffer is restored.
+        limit_of: per step, its limit's seconds from the passes' medians: ``limit_of[step](median)``,
+            ``median(pass name)`` giving seconds (e.g. :func:`bench.limits.one_read`).
         providers: the providers' names.
         restore: puts the gradients back as they were; called before every provider's run, untimed.
         run: ``run(provider, step)`` gives the function that runs one such step.
         timer, repeats, progress: as for :func:`interleaved_samples` (``timer(fn)`` times one call).
 
     Returns:
-        ``{(name, step): seconds}`` for every provider, and for each step's limit.
+        ``{(name, step): seconds}`` for every provider, and ``{("limit", step): seconds}``.
     """
+    passes = streaming.passes()
+
     def measure(name):
+        if name in passes:
+            streaming.restore()
+            yield "pass", timer(passes[name])
+            return
         for step in steps:
-            if name in limits:
-                if limit_of[step] == name:
-                    yield step, timer(limits[name])
-            else:
-                restore()
-                yield step, timer(run(name, step))
+            restore()
+            yield step, timer(run(name, step))
 
-    samples = interleaved_samples(list(providers) + list(limits), measure, repeats, progress)
-    return {key: statistics.median(values) for key, values in samples.items()}
+    samples = interleaved_samples(list(providers) + list(passes), measure, repeats, progress)
+    medians = {key: statistics.median(values) for key, values in samples.items()}
+    for step in steps:
+        medians[("limit", step)] = limit_of[step](lambda name: medians[(name, "pass")])
+    return medians
 
 
-def ratio_table(results: dict[str, dict], steps: Iterable[str], limit_of: dict[str, str], baseline: str,
-                size_label: Callable[[dict], str]) -> str:
+def ratio_table(results: dict[str, dict], steps: Iterable[str], baseline: str, size_label: Callable[[dict], str]) -> str:
     """The markdown table of a stand-alone benchmark: per workload, step and provider, the median
     time, the ratio to ``baseline`` and the % of the step's limit. Each result holds ``medians``
     (from :func:`median_times`) and ``providers``; ``size_label(result)`` describes its workload."""
@@ -78,7 +85,7 @@ def ratio_table(results: dict[str, dict], steps: Iterable[str], limit_of: dict[s
     for workload, r in results.items():
         m = r["medians"]
         for step in steps:
-            limit, base = m[(limit_of[step], step)], m[(baseline, step)]
+            limit, base = m[("limit", step)], m[(baseline, step)]
             for name in r["providers"]:
                 t = m[(name, step)]
                 lines.append(f"| {workload} ({size_label(r)}) | {step} | {name} | {t * 1e3:.2f} | {base / t:.2f} | "

@@ -5,8 +5,9 @@ clip value 1e-3).
 Every provider is first checked to give torch's gradients bit for bit. Runs are interleaved (the
 order rotates every round) after two warm-up rounds, gradients restored before each run outside the
 timed region; the table gives medians. The limit is this machine's streaming speed over the same
-bytes, timed in the same rounds: one read (a sum) where nothing is outside, one read plus an in-place
-write where elements are.
+bytes, timed in the same rounds on a flat buffer restored before each pass as the gradients are
+(bench/limits.py): one read (the faster of a sum and a dot) where nothing is outside, one in-place
+multiply (a read and a write) where elements are.
 
 Usage: python -m bench.value_clip [--repeats N] [--device D] [--out DIR]
 """
@@ -19,11 +20,12 @@ import torch
 
 import fastclip
 from bench.run import Timer, parameters_for
+from bench import limits
 from bench.timing import median_times, ratio_table, run_and_save
 from bench.workloads import MIB, gpt2_shapes, llama_shapes, make_grads, with_dtype
 
 STEPS = {"none outside": 1e4, "a third outside": 1e-3}
-LIMITS = {"none outside": "one read", "a third outside": "read + write"}
+LIMITS = {"none outside": limits.one_read, "a third outside": limits.multiply_in_place}
 WORKLOADS = {
     "gpt2-124m fp32": with_dtype(gpt2_shapes(), torch.float32),
     "llama-style 4 layers bf16": with_dtype(llama_shapes(n_layer=4, dim=1024, n_heads=16, n_kv_heads=4, ffn_dim=2816,
@@ -54,16 +56,15 @@ def bench_workload(spec, device: str, repeats: int, timer: Timer, progress) -> d
             fn(params, value)
             assert all(torch.equal(g, e) for g, e in zip(grads, expected)), f"{name}, {step}: not torch's gradients"
     nbytes = sum(g.numel() * g.element_size() for g in grads)
-    flat = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
-    limits = {"one read": lambda: flat.sum(), "read + write": lambda: flat.mul_(1.0)}
+    streaming = limits.StreamingLimits(nbytes, device)
 
-    medians = median_times(STEPS, limits, LIMITS, table, lambda: torch._foreach_copy_(grads, pristine),
+    medians = median_times(STEPS, streaming, LIMITS, table, lambda: torch._foreach_copy_(grads, pristine),
                            lambda name, step: lambda: table[name](params, STEPS[step]), timer, repeats, progress)
     return {"medians": medians, "providers": list(table), "nbytes": nbytes, "count": len(grads)}
 
 
 def markdown(results: dict[str, dict]) -> str:
-    return ratio_table(results, STEPS, LIMITS, "torch", lambda r: f"{r['count']} tensors, {r['nbytes'] / MIB:.0f} MiB")
+    return ratio_table(results, STEPS, "torch", lambda r: f"{r['count']} tensors, {r['nbytes'] / MIB:.0f} MiB")
 
 
 def main() -> None:
