@@ -24,8 +24,8 @@ import argparse
 import torch
 
 import fastclip
-from bench.run import Timer, parameters_for
 from bench import limits
+from bench.run import Timer, parameters_for
 from bench.timing import median_times, ratio_table, run_and_save
 from bench.workloads import MIB, gpt2_shapes, llama_shapes, make_grads, with_dtype
 
