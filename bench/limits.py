@@ -4,8 +4,8 @@ bytes, from the same cache state, in the same interleaved rounds as the provider
 Two things made an earlier single ``flat.sum()`` an unfair limit on an Intel Xeon VM (2 cores, 480 MiB
 L3, of which ~100 MiB held data between runs): every provider ran right after its gradients were
 restored from a copy, so up to L3's worth of them came from cache, while the flat buffer had not
-been touched since the previous round and came from DRAM (fastclip "reached" 120-180% of the limit
-on 16-64 MiB); and torch's float dot streams ~12% faster than its sum there. So the buffer is
+been touched since the previous round and came from DRAM (fastclip "reached" 115-180% of the limit
+on 16-256 MiB); and torch's float dot streams ~12% faster than its sum there. So the buffer is
 restored from its own copy before every timed run, as the gradients are, and one read is the faster
 of the two reductions.
 """
