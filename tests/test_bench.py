@@ -30,6 +30,11 @@ def test_model_shapes_have_the_published_parameter_counts():
 def test_quick_preset_contains_the_issue_targets_and_sweeps():
     names = [w.name for w in preset("quick", "cpu")]
     assert "8 x 8M fp32 (256 MiB)" in names and "2000 x 8K fp32" in names
+    # the CPU-speed issue's 16-bit targets: bf16 and fp16, each a model of its own dtype
+    targets = {workload for _, issue_targets in report.TARGETS.items() for _, workload, *_ in issue_targets}
+    assert {"llama-style 4 layers bf16", "llama-style 4 layers fp16"} <= targets <= set(names)
+    dtypes = {w.name: {dtype for _, dtype in w.spec} for w in preset("quick", "cpu")}
+    assert dtypes["llama-style 4 layers bf16"] == {torch.bfloat16} and dtypes["llama-style 4 layers fp16"] == {torch.float16}
     groups = {w.group for w in preset("quick", "cpu")}
     assert groups == {"model", "target", "count sweep", "size sweep", "allocation order"}
     assert max(w.count for w in preset("quick", "cpu")) == 10_000
