@@ -100,6 +100,22 @@ inline void load8_quad_squares_into(const typename E::Storage* p, int64_t stride
   }
 }
 
+// The quad squares of a whole step's 32 lanes (elements p[j], p[j + stride], p[j + 2 stride],
+// p[j + 3 stride] for j < 32) into the accumulator-sized vectors `out`, lane j at out[j / width].
+template <Isa I, class E, class V>
+inline void load32_quad_squares_into(const typename E::Storage* p, int64_t stride, V* out) {
+#if FASTCLIP_X86_VARIANTS
+  if constexpr (I == Isa::kAvx512 && std::is_same_v<E, simd::BF16>) {
+    static_assert(sizeof(V) == sizeof(f64x8));  // lanes 16 s to 16 s + 15 in out[2 s] and out[2 s + 1]
+    for (int sixteen = 0; sixteen < 2; ++sixteen)
+      simd::quad_squares16_bf16_avx512(p + 16 * sixteen, stride, out[2 * sixteen], out[2 * sixteen + 1]);
+    return;
+  }
+#endif
+  constexpr int kWidth = sizeof(V) / sizeof(double);
+  for (int eight = 0; eight < 4; ++eight) load8_quad_squares_into<I, E>(p + eight * kLanes, stride, out + eight * kLanes / kWidth);
+}
+
 // What a span's lanes and tail are combined in: long double (x87's 64-bit mantissa on x86; double
 // where long double is double) for the sums of fp64 elements and for p-norms other than L1 and
 // L2, so that no double rounding comes before the norm is rounded to its dtype (the chunks of a
@@ -201,8 +217,7 @@ inline long double reduce_span(const typename E::Storage* x, int64_t n, double p
       for (int64_t line = 0; line < kStep; line += kLineElements) prefetch_ahead(x + i + line);
       V loaded[kVectors];
       if constexpr (kQuads) {
-        for (int eight = 0; eight < 4; ++eight)
-          load8_quad_squares_into<I, E>(x + i + eight * kLanes, kLaneCount, loaded + eight * kLanes / kWidth);
+        load32_quad_squares_into<I, E>(x + i, kLaneCount, loaded);
         for (int v = 0; v < kVectors; ++v) block[v] += loaded[v];
       } else {
         for (int eight = 0; eight < 4; ++eight) load8_into<I, E>(x + i + eight * kLanes, loaded + eight * kLanes / kWidth);
