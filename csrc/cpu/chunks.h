@@ -78,4 +78,20 @@ void parallel_over_chunks(const TensorView* tensors, int64_t count, const std::v
   });
 }
 
+// parallel_over_chunks with the chunks of each parallel piece taken two at a time: body(i, j) for
+// consecutive chunks i and j of a piece (in the order above), body(i, -1) for a piece's last chunk
+// when it has an odd number. Every chunk index is passed exactly once.
+template <class Body>
+void parallel_over_chunk_pairs(const TensorView* tensors, int64_t count, const std::vector<Chunk>& chunks,
+                               const ParallelFor& parallel_for, const Body& body) {
+  const int64_t n = static_cast<int64_t>(chunks.size());
+  const bool reversed = small_ones_descending(tensors, count);
+  const auto at = [&](int64_t i) { return reversed ? n - 1 - i : i; };
+  parallel_for(0, n, grain_in_chunks(chunks), [&](int64_t begin, int64_t end) {
+    int64_t i = begin;
+    for (; i + 1 < end; i += 2) body(at(i), at(i + 1));
+    if (i < end) body(at(i), int64_t{-1});
+  });
+}
+
 }  // namespace fastclip::cpu
