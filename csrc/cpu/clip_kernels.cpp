@@ -7,6 +7,7 @@
 #include "clip_kernels.h"
 
 #include <algorithm>
+#include <cassert>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -389,7 +390,7 @@ inline void reduce_pair_by_kind(const void* x0, const void* x1, int64_t n, Norm 
     case NormKind::kL2: return reduce_spans<Isa::kAvx512, E, NormKind::kL2, false, 2>(xs, n, norm.p, 1.0, out);
     case NormKind::kL1: return reduce_spans<Isa::kAvx512, E, NormKind::kL1, false, 2>(xs, n, norm.p, 1.0, out);
     case NormKind::kInf: return reduce_spans<Isa::kAvx512, E, NormKind::kInf, false, 2>(xs, n, norm.p, 1.0, out);
-    case NormKind::kP: break;  // (never asked: pairable() excludes it)
+    case NormKind::kP: assert(false && "pairable() excludes the p-norm"); return;
   }
 }
 FASTCLIP_TARGET_AVX512 void reduce_pair_avx512(DType d, const void* x0, const void* x1, int64_t n, Norm norm, long double* out) {
@@ -402,7 +403,7 @@ FASTCLIP_TARGET_AVX512 void reduce_pair_avx512(DType d, const void* x0, const vo
 }
 #endif
 
-// Whether reduce_pair() serves two spans of this dtype and norm with the active ISA.
+// Whether reduce_pair() serves two spans of this norm with the active ISA (any dtype).
 bool pairable(Norm norm) {
 #if FASTCLIP_X86_VARIANTS
   return simd::active_isa() == Isa::kAvx512 && norm.kind != NormKind::kP;
@@ -411,13 +412,14 @@ bool pairable(Norm norm) {
 #endif
 }
 
-// out[k] = reduce(dtype, x_k, n, norm) for k = 0, 1, the same bits, where pairable(norm).
+// out[k] = reduce(dtype, x_k, n, norm) for k = 0, 1, the same bits. Only called where
+// pairable(norm), which is never true without the x86 variants.
 void reduce_pair(DType dtype, const void* x0, const void* x1, int64_t n, Norm norm, long double* out) {
 #if FASTCLIP_X86_VARIANTS
   reduce_pair_avx512(dtype, x0, x1, n, norm, out);
 #else
-  out[0] = reduce(dtype, x0, n, norm);
-  out[1] = reduce(dtype, x1, n, norm);
+  (void)dtype, (void)x0, (void)x1, (void)n, (void)norm, (void)out;
+  assert(false && "reduce_pair without the x86 variants");
 #endif
 }
 
