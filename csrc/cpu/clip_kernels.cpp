@@ -710,20 +710,28 @@ double clip_coefficient(double total, double max_norm, DType total_dtype) {
   return c > 1.0f ? 1.0 : static_cast<double>(c);
 }
 
-void scale(const TensorView* tensors, int64_t count, double coefficient, const ParallelFor& parallel_for) {
-  if (coefficient == 1.0) return;  // x * 1 == x for every x: skip the read and the write
+namespace {
+
+// Scales every chunk of every tensor t by coefficient_of(t) (nothing read or written where it is 1),
+// four full chunks of one dtype and one coefficient at a time where groups_scalable() (see
+// scale_spans), each other chunk on its own.
+template <class CoefficientOf>
+void scale_chunks(const TensorView* tensors, int64_t count, const ParallelFor& parallel_for, const CoefficientOf& coefficient_of) {
   std::vector<int64_t> first_chunk;
   const std::vector<Chunk> chunks = make_chunks(tensors, count, first_chunk);
   const bool groups = groups_scalable();
-  // Whether chunk i is a full one of `dtype`, scaled in its own arithmetic: groups take only those.
-  const auto groupable = [&](int64_t i, DType dtype) {
+  // Whether chunk i is a full one of `dtype` and `coefficient`, scaled in its own arithmetic:
+  // groups take only those.
+  const auto groupable = [&](int64_t i, DType dtype, double coefficient) {
     const TensorView& t = tensors[chunks[i].tensor];
-    return chunks[i].end - chunks[i].begin == kChunkElements && t.dtype == dtype && !t.scale_in_double;
+    return chunks[i].end - chunks[i].begin == kChunkElements && t.dtype == dtype && !t.scale_in_double &&
+           coefficient_of(chunks[i].tensor) == coefficient;
   };
   parallel_over_chunk_groups<kScaleStreams>(tensors, count, chunks, parallel_for, [&](const int64_t* group, int size) {
     const DType dtype = tensors[chunks[group[0]].tensor].dtype;
-    bool together = groups && size == kScaleStreams;
-    for (int k = 0; k < size && together; ++k) together = groupable(group[k], dtype);
+    const double coefficient = coefficient_of(chunks[group[0]].tensor);
+    bool together = groups && size == kScaleStreams && coefficient != 1.0;
+    for (int k = 0; k < size && together; ++k) together = groupable(group[k], dtype, coefficient);
     if (together) {
       void* data[kScaleStreams];
       for (int k = 0; k < kScaleStreams; ++k) data[k] = element_address(tensors[chunks[group[k]].tensor], chunks[group[k]].begin);
@@ -731,19 +739,21 @@ void scale(const TensorView* tensors, int64_t count, double coefficient, const P
     }
     for (int k = 0; k < size; ++k) {
       const Chunk& c = chunks[group[k]];
-      scale_elements(tensors[c.tensor], c.begin, c.end - c.begin, coefficient);
+      const double chunk_coefficient = coefficient_of(c.tensor);
+      if (chunk_coefficient != 1.0) scale_elements(tensors[c.tensor], c.begin, c.end - c.begin, chunk_coefficient);
     }
   });
 }
 
+}  // namespace
+
+void scale(const TensorView* tensors, int64_t count, double coefficient, const ParallelFor& parallel_for) {
+  if (coefficient == 1.0) return;  // x * 1 == x for every x: skip the read and the write
+  scale_chunks(tensors, count, parallel_for, [coefficient](int32_t) { return coefficient; });
+}
+
 void scale_each(const TensorView* tensors, int64_t count, const double* coefficients, const ParallelFor& parallel_for) {
-  std::vector<int64_t> first_chunk;
-  const std::vector<Chunk> chunks = make_chunks(tensors, count, first_chunk);
-  parallel_over_chunks(tensors, count, chunks, parallel_for, [&](int64_t i) {
-    const Chunk& c = chunks[i];
-    const double coefficient = coefficients[c.tensor];
-    if (coefficient != 1.0) scale_elements(tensors[c.tensor], c.begin, c.end - c.begin, coefficient);
-  });
+  scale_chunks(tensors, count, parallel_for, [coefficients](int32_t t) { return coefficients[t]; });
 }
 
 ClipResult clip(const TensorView* tensors, int64_t count, Norm norm, DType total_dtype, double max_norm,

@@ -288,82 +288,98 @@ void test_16_bit_conversions_exhaustive() {
   simd::set_active_isa_for_testing(simd::Isa::kAvx512);
 }
 
-// scale() gives every element the scalar product's bits (E(math(x) * math(c)), in double for a 0-dim
-// tensor that asks for it), in every variant and thread count, over tensors whose chunks group into
-// runs of full chunks of one dtype (scaled several streams at once on AVX-512) and break them: a
-// partial chunk, another dtype, a tensor scaled in double. A chunk scaled twice, or left out of a
-// group, fails it.
+// scale() and scale_each() give every element the scalar product's bits (E(math(x) * math(c)), in
+// double for a 0-dim tensor that asks for it; untouched where c is 1), in every variant and thread
+// count, over tensors whose chunks group into runs of full chunks of one dtype and coefficient
+// (scaled several streams at once on AVX-512) and break them: a partial chunk, another dtype or
+// coefficient, a tensor scaled in double. A chunk scaled twice, or left out of a group, fails it.
 void test_scale_matches_elementwise_products() {
   std::mt19937 rng(5);
   std::normal_distribution<float> normal;
-  const double coefficient = 0.3;  // not a power of two: the products round
   struct Tensor {
     DType dtype;
     int64_t numel;
     bool in_double;
+    double own_coefficient;  // scale_each's; scale() uses 0.3 for all
   };
-  const Tensor shapes[] = {{DType::kFloat32, 5 * kChunkElements + 100, false}, {DType::kFloat32, 3 * kChunkElements, false},
-                           {DType::kBFloat16, 4 * kChunkElements + 7, false},  {DType::kFloat16, 4 * kChunkElements, false},
-                           {DType::kFloat32, 1, true},                           {DType::kFloat64, 2 * kChunkElements + 1, false},
-                           {DType::kFloat32, 33, false},                         {DType::kBFloat16, 6 * kChunkElements, false}};
-  // Each tensor's elements as 64-bit words (one element per word, in its dtype's bits), and the product expected.
-  std::vector<std::vector<uint64_t>> original, expected;
+  const Tensor shapes[] = {{DType::kFloat32, 5 * kChunkElements + 100, false, 0.3}, {DType::kFloat32, 3 * kChunkElements, false, 0.3},
+                           {DType::kBFloat16, 4 * kChunkElements + 7, false, 0.7},  {DType::kFloat16, 4 * kChunkElements, false, 1.0},
+                           {DType::kFloat32, 1, true, 0.3},                         {DType::kFloat64, 2 * kChunkElements + 1, false, 0.3},
+                           {DType::kFloat32, 33, false, 0.7},                       {DType::kBFloat16, 6 * kChunkElements, false, 0.3},
+                           {DType::kBFloat16, 2 * kChunkElements, false, 0.7}};
+  constexpr size_t kCount = std::size(shapes);
+  // Each tensor's elements as 64-bit words (one element per word, in its dtype's bits).
+  std::vector<std::vector<uint64_t>> original;
   for (const Tensor& t : shapes) {
-    std::vector<uint64_t> bits(t.numel), product(t.numel);
+    std::vector<uint64_t> bits(t.numel);
     for (int64_t i = 0; i < t.numel; ++i) {
       const float v = normal(rng);
       switch (t.dtype) {
         case DType::kFloat32: {
-          const float p = t.in_double ? static_cast<float>(static_cast<double>(v) * coefficient) : v * static_cast<float>(coefficient);
-          uint32_t a, b;
-          std::memcpy(&a, &v, 4), std::memcpy(&b, &p, 4);
-          bits[i] = a, product[i] = b;
+          uint32_t a;
+          std::memcpy(&a, &v, 4);
+          bits[i] = a;
           break;
         }
-        case DType::kFloat64: {
-          const double d = static_cast<double>(v) * 1.0000001, p = d * coefficient;
-          bits[i] = bits_of(d), product[i] = bits_of(p);
-          break;
-        }
-        case DType::kBFloat16: {
-          const uint16_t h = float_to_bf16(v);
-          bits[i] = h, product[i] = float_to_bf16(bf16_to_float(h) * static_cast<float>(coefficient));
-          break;
-        }
-        case DType::kFloat16: {
-          const uint16_t h = float_to_fp16(v);
-          bits[i] = h, product[i] = float_to_fp16(fp16_to_float(h) * static_cast<float>(coefficient));
-          break;
-        }
+        case DType::kFloat64: bits[i] = bits_of(static_cast<double>(v) * 1.0000001); break;
+        case DType::kBFloat16: bits[i] = float_to_bf16(v); break;
+        case DType::kFloat16: bits[i] = float_to_fp16(v); break;
       }
     }
     original.push_back(std::move(bits));
-    expected.push_back(std::move(product));
   }
+  // The scalar product of one element's bits.
+  const auto product = [](const Tensor& t, uint64_t bits, double c) -> uint64_t {
+    if (c == 1.0) return bits;
+    switch (t.dtype) {
+      case DType::kFloat32: {
+        float v, p;
+        const auto word = static_cast<uint32_t>(bits);
+        std::memcpy(&v, &word, 4);
+        p = t.in_double ? static_cast<float>(static_cast<double>(v) * c) : v * static_cast<float>(c);
+        uint32_t out;
+        std::memcpy(&out, &p, 4);
+        return out;
+      }
+      case DType::kFloat64: {
+        double v;
+        std::memcpy(&v, &bits, 8);
+        return bits_of(v * c);
+      }
+      case DType::kBFloat16: return float_to_bf16(bf16_to_float(static_cast<uint16_t>(bits)) * static_cast<float>(c));
+      case DType::kFloat16: return float_to_fp16(fp16_to_float(static_cast<uint16_t>(bits)) * static_cast<float>(c));
+    }
+    return bits;
+  };
+  std::vector<double> own(kCount);
+  for (size_t t = 0; t < kCount; ++t) own[t] = shapes[t].own_coefficient;
   for (Isa isa : {simd::Isa::kGeneric, simd::Isa::kAvx2, simd::Isa::kAvx512}) {
     const Isa active = simd::set_active_isa_for_testing(isa);
     for (int threads : {1, 2, 3, 8}) {
-      // The tensors in their own dtypes' storage, made from the words.
-      std::vector<std::vector<unsigned char>> storage;
-      std::vector<TensorView> views;
-      for (size_t t = 0; t < std::size(shapes); ++t) {
-        const size_t size = element_size(shapes[t].dtype);
-        storage.emplace_back(shapes[t].numel * size);
-        for (int64_t i = 0; i < shapes[t].numel; ++i) std::memcpy(&storage.back()[i * size], &original[t][i], size);
-      }
-      for (size_t t = 0; t < std::size(shapes); ++t)
-        views.push_back({storage[t].data(), shapes[t].numel, shapes[t].dtype, shapes[t].in_double});
-      scale(views.data(), static_cast<int64_t>(views.size()), coefficient, threads_parallel_for(threads));
-      for (size_t t = 0; t < std::size(shapes); ++t) {
-        const size_t size = element_size(shapes[t].dtype);
-        int64_t mismatches = 0;
-        for (int64_t i = 0; i < shapes[t].numel; ++i) {
-          uint64_t got = 0;
-          std::memcpy(&got, &storage[t][i * size], size);
-          mismatches += got != expected[t][i];
+      for (const bool each : {false, true}) {
+        // The tensors in their own dtypes' storage, made from the words.
+        std::vector<std::vector<unsigned char>> storage;
+        std::vector<TensorView> views;
+        for (size_t t = 0; t < kCount; ++t) {
+          const size_t size = element_size(shapes[t].dtype);
+          storage.emplace_back(shapes[t].numel * size);
+          for (int64_t i = 0; i < shapes[t].numel; ++i) std::memcpy(&storage.back()[i * size], &original[t][i], size);
         }
-        CHECK(mismatches == 0, "variant %s, %d threads, tensor %zu: %lld products differ", simd::isa_name(active), threads, t,
-              (long long)mismatches);
+        for (size_t t = 0; t < kCount; ++t) views.push_back({storage[t].data(), shapes[t].numel, shapes[t].dtype, shapes[t].in_double});
+        if (each) scale_each(views.data(), kCount, own.data(), threads_parallel_for(threads));
+        else scale(views.data(), kCount, 0.3, threads_parallel_for(threads));
+        for (size_t t = 0; t < kCount; ++t) {
+          const size_t size = element_size(shapes[t].dtype);
+          const double c = each ? own[t] : 0.3;
+          int64_t mismatches = 0;
+          for (int64_t i = 0; i < shapes[t].numel; ++i) {
+            uint64_t got = 0;
+            std::memcpy(&got, &storage[t][i * size], size);
+            mismatches += got != product(shapes[t], original[t][i], c);
+          }
+          CHECK(mismatches == 0, "%s, variant %s, %d threads, tensor %zu: %lld products differ", each ? "scale_each" : "scale",
+                simd::isa_name(active), threads, t, (long long)mismatches);
+        }
       }
     }
   }
