@@ -85,15 +85,6 @@ void parallel_over_chunk_groups(const TensorView* tensors, int64_t count, const 
   });
 }
 
-// The same, two at a time: body(i, j) for consecutive chunks i and j of a piece, body(i, -1) for a
-// piece's last chunk when it has an odd number.
-template <class Body>
-void parallel_over_chunk_pairs(const TensorView* tensors, int64_t count, const std::vector<Chunk>& chunks,
-                               const ParallelFor& parallel_for, const Body& body) {
-  parallel_over_chunk_groups<2>(tensors, count, chunks, parallel_for,
-                                [&](const int64_t* group, int size) { body(group[0], size == 2 ? group[1] : int64_t{-1}); });
-}
-
 // The same, one chunk at a time: body(i) for every chunk index i, in the same pieces and order.
 template <class Body>
 void parallel_over_chunks(const TensorView* tensors, int64_t count, const std::vector<Chunk>& chunks,

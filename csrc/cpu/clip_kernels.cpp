@@ -459,14 +459,9 @@ void scale_group(DType dtype, void* const* data, int64_t n, double coefficient) 
 #endif
 }
 
-// Whether reduce_pair() serves two spans of this norm with the active ISA (any dtype).
-bool pairable(Norm norm) {
-#if FASTCLIP_X86_VARIANTS
-  return simd::active_isa() == Isa::kAvx512 && norm.kind != NormKind::kP;
-#else
-  return false;
-#endif
-}
+// Whether reduce_pair() serves two spans of this norm with the active ISA (any dtype): where groups
+// are scaled, for every norm but the p-norm.
+bool pairable(Norm norm) { return groups_scalable() && norm.kind != NormKind::kP; }
 
 // out[k] = reduce(dtype, x_k, n, norm) for k = 0, 1, the same bits. Only called where
 // pairable(norm), which is never true without the x86 variants.
@@ -628,7 +623,8 @@ void tensor_norms(const TensorView* tensors, int64_t count, Norm norm, const Par
   const std::vector<Chunk> chunks = make_chunks(tensors, count, first_chunk);
   std::vector<long double> partials(chunks.size());
   const bool pairs = pairable(norm);
-  parallel_over_chunk_pairs(tensors, count, chunks, parallel_for, [&](int64_t i, int64_t j) {
+  parallel_over_chunk_groups<2>(tensors, count, chunks, parallel_for, [&](const int64_t* group, int size) {
+    const int64_t i = group[0], j = size == 2 ? group[1] : -1;
     const Chunk& c = chunks[i];
     const TensorView& t = tensors[c.tensor];
     // A one-element tensor's norm is single_element_norm's (below); the vector loop's setup would
